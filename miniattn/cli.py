@@ -1,0 +1,38 @@
+"""The command line: ``python -m miniattn COMMAND``.
+
+Each command lives in its own module with a ``main(argv)`` function; this
+file only dispatches. ``python -m miniattn`` alone prints the command list.
+"""
+
+import importlib
+import sys
+
+# command -> (module with main(argv), one-line help)
+COMMANDS = {
+    "list": ("miniattn.commands.list_methods", "list the attention methods: year, idea, file, cost"),
+    "gradcheck": ("miniattn.commands.gradcheck", "check every backward against finite differences"),
+    "bench": ("miniattn.commands.bench", "time and peak memory of the methods against N"),
+    "tour": ("miniattn.commands.tour", "run every method on the same input and compare"),
+}
+
+
+def usage():
+    lines = ["usage: python -m miniattn COMMAND [options]", "", "commands:"]
+    for name, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {help_text}")
+    lines.append("")
+    lines.append("Run python -m miniattn COMMAND --help for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest) or 0

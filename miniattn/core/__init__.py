@@ -1,0 +1,1 @@
+"""Shared machinery: softmax, masks, validation, kernels and the gradient checker."""

@@ -1,0 +1,78 @@
+"""Build script for the optional Cython extension ``miniattn._kernels``.
+
+All package metadata lives in pyproject.toml. This file only adds the
+extension, and makes it optional: when Cython, NumPy headers or a C compiler
+are missing, or the compile fails, the install still succeeds and miniattn
+runs on its NumPy reference kernels (``miniattn.core.kernels.backend()``
+then reports "numpy").
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Build extensions, but warn instead of failing when a build breaks."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as error:  # compiler missing, headers missing, ...
+            self._warn(error)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as error:
+            self._warn(error)
+
+    def _warn(self, error):
+        sys.stderr.write(
+            "\nWARNING: the optional extension miniattn._kernels was not built "
+            f"({error}).\nminiattn will use its NumPy reference kernels.\n\n"
+        )
+
+
+def openmp_flags():
+    """Return (compile, link) flags for OpenMP, or none where it is disabled."""
+    if os.environ.get("MINIATTN_NO_OPENMP") or sys.platform == "darwin":
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def extensions():
+    """Describe the Cython extension, or return no extensions without Cython."""
+    try:
+        import numpy
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except ImportError as error:
+        sys.stderr.write(
+            f"\nWARNING: {error}; building miniattn without its Cython extension.\n\n"
+        )
+        return []
+
+    compile_args, link_args = openmp_flags()
+    if sys.platform != "win32":
+        compile_args = compile_args + ["-O3"]
+    extension = Extension(
+        "miniattn._kernels",
+        sources=["csrc/_kernels.pyx"],
+        include_dirs=[numpy.get_include()],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    return cythonize(
+        [extension],
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        quiet=True,
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
