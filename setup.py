@@ -7,6 +7,7 @@ runs on its NumPy reference kernels (``miniattn.core.kernels.backend()``
 then reports "numpy").
 """
 
+import glob
 import os
 import sys
 
@@ -63,6 +64,7 @@ def extensions():
     extension = Extension(
         "miniattn._kernels",
         sources=["csrc/_kernels.pyx"],
+        depends=sorted(glob.glob("csrc/*.pxi")),
         include_dirs=[numpy.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
