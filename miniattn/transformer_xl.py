@@ -57,13 +57,14 @@ are computed with W_k and W_v, so those weights get gradients from the memory
 rows although the memory itself gets none.
 
 Complexity per layer and segment: O(N M D) time per head and O(N (M + P))
-memory for the scores; the memory cache holds O(L mem_len C) numbers.
+memory for the scores. The memory cache stores O(L mem_len C) numbers.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from .core.kernels import scatter_add_rows
 from .core.masks import causal_mask, combine_masks
 from .core.softmax import softmax_inplace
 from .core.validate import (
@@ -145,7 +146,7 @@ def rel_shift(x):
     Pad one zero column on the left, view the (N, M + 1) rows as (M + 1, N),
     drop the first row and view the rest as (N, M). The result equals
     x[i, j + N - 1 - i] for j <= i + M - N and is 0 at j = i + M - N + 1;
-    further right it holds entries of row i + 1, which the causal mask removes.
+    further right it contains entries of row i + 1, which the causal mask removes.
     """
     *lead, n_queries, n_keys = x.shape
     if n_keys < n_queries:
@@ -168,39 +169,45 @@ def rel_shift_adjoint(g):
 
 
 def rel_shift_index(n_queries, n_keys, n_positions):
-    """Return (index, valid), both (N, M): BD[i, j] reads BD_raw[i, index[i, j]] where valid."""
+    """Return the flat source index (N * M,) of the gather form of the shift.
+
+    Entry (i, j) of BD reads entry (i, j + N - 1 - i) of BD_raw (..., N, P),
+    flattened as i * P + j + N - 1 - i. Where j + N - 1 - i falls outside
+    [0, P) it reads index N * P instead, one zero appended after the last entry.
+    """
     rows = np.arange(n_queries)[:, None]  # (N, 1)
     cols = np.arange(n_keys)[None, :]  # (1, M)
-    index = cols + (n_queries - 1) - rows  # (N, M)
-    valid = (index >= 0) & (index < n_positions)  # (N, M)
-    return np.clip(index, 0, n_positions - 1), valid
+    column = cols + (n_queries - 1) - rows  # (N, M)
+    valid = (column >= 0) & (column < n_positions)  # (N, M)
+    return np.where(valid, rows * n_positions + column, n_queries * n_positions).ravel()  # (N M,)
 
 
 def rel_shift_gather(x, n_keys):
     """Shift BD_raw (..., N, P) into BD (..., N, M) by an explicit gather.
 
     BD[i, j] = x[i, j + N - 1 - i] where 0 <= j + N - 1 - i < P, else 0. With
-    P = M this is the causal shift (0 above the diagonal j = i + M - N); with
+    P = M this is the causal shift (0 above the diagonal j = i + M - N). With
     P = M + N - 1 every (i, j) is covered (bidirectional).
     """
     *lead, n_queries, n_positions = x.shape
-    index, valid = rel_shift_index(n_queries, n_keys, n_positions)
-    index = np.broadcast_to(index, (*lead, n_queries, n_keys))
-    shifted = np.take_along_axis(x, index, axis=-1)  # (..., N, M)
-    shifted *= valid
-    return shifted
+    source = rel_shift_index(n_queries, n_keys, n_positions)  # (N M,)
+    flat = x.reshape(-1, n_queries * n_positions)  # (B H, N P)
+    flat = np.concatenate([flat, np.zeros((flat.shape[0], 1), dtype=x.dtype)], axis=1)  # (B H, N P + 1)
+    return np.take(flat, source, axis=1).reshape(*lead, n_queries, n_keys)  # (..., N, M)
 
 
-def rel_shift_gather_adjoint(g, n_positions):
-    """Adjoint of rel_shift_gather: scatter-add g (..., N, M) back into (..., N, P)."""
+def rel_shift_gather_adjoint(g, n_positions, *, backend=None):
+    """Adjoint of rel_shift_gather: scatter-add g (..., N, M) back into (..., N, P).
+
+    Each (i, j) adds g[i, j] to the entry it read, and entries that read the
+    appended zero are dropped. Runs kernels.scatter_add_rows on the chosen
+    backend, with the flat positions as rows and batch and heads as columns.
+    """
     *lead, n_queries, n_keys = g.shape
-    index, valid = rel_shift_index(n_queries, n_keys, n_positions)
-    rows = np.broadcast_to(np.arange(n_queries)[:, None], (n_queries, n_keys))
-    flat_target = (rows * n_positions + index)[valid]  # (number of valid entries,)
-    flat_g = g.reshape(-1, n_queries * n_keys)[:, valid.ravel()]  # (prod(lead), valid entries)
-    dx = np.zeros((flat_g.shape[0], n_queries * n_positions), dtype=g.dtype)
-    np.add.at(dx, (slice(None), flat_target), flat_g)
-    return dx.reshape(*lead, n_queries, n_positions)
+    source = rel_shift_index(n_queries, n_keys, n_positions)  # (N M,)
+    columns = np.ascontiguousarray(g.reshape(-1, n_queries * n_keys).T)  # (N M, B H)
+    dx = scatter_add_rows(columns, source, n_queries * n_positions + 1, backend=backend)  # (N P + 1, B H)
+    return dx[:-1].T.reshape(*lead, n_queries, n_positions)  # (..., N, P)
 
 
 # --- relative positional attention ------------------------------------------------------------
@@ -250,8 +257,8 @@ def score_terms(q, k, r, u, v_bias):
     """Return the paper's four unscaled score terms as a dict of (..., H, N, M) arrays.
 
     "a" content q.k, "b" content-position q.r, "c" global content bias u.k,
-    "d" global position bias v.r; the position terms are shifted so that key j
-    of query i reads r at distance (i + M - N) - j (0 outside the rows of r).
+    "d" global position bias v.r. The position terms are shifted, so key j of
+    query i reads r at distance (i + M - N) - j (0 outside the rows of r).
     """
     n_keys = k.shape[-2]
     u_rows = np.broadcast_to(u[:, None, :], q.shape)  # (..., H, N, D), u repeated for every query
@@ -271,6 +278,7 @@ def check_relative_inputs(q, k, v, r, u, v_bias, causal, shift):
     for name, array in (("r", r), ("u", u), ("v_bias", v_bias)):
         check_float_array(name, array, min_ndim=2)
     check_same_dtype(q=q, r=r, u=u, v_bias=v_bias)
+
     n_heads, n_queries, width = q.shape[-3], q.shape[-2], q.shape[-1]
     n_keys = k.shape[-2]
     if n_keys < n_queries:
@@ -281,6 +289,7 @@ def check_relative_inputs(q, k, v, r, u, v_bias, causal, shift):
     for name, array in (("u", u), ("v_bias", v_bias)):
         if array.shape != (n_heads, width):
             raise ValueError(f"{name} has shape {array.shape}; expected (H, D) = {(n_heads, width)}")
+
     n_positions = n_position_rows(n_queries, n_keys, causal)
     if r.ndim != 3 or r.shape[0] != n_heads or r.shape[2] != width:
         raise ValueError(f"r has shape {r.shape}; expected (H, P, D) with H={n_heads}, D={width}")
@@ -291,6 +300,7 @@ def check_relative_inputs(q, k, v, r, u, v_bias, causal, shift):
             f"queries; {kind} = {n_positions} rows (distances {n_keys - 1} down to "
             f"{0 if causal else -(n_queries - 1)})"
         )
+
     check_choice("shift", shift, SHIFTS)
     if shift == "pad_reshape" and not causal:
         raise ValueError(
@@ -341,7 +351,7 @@ def relative_attention_forward(q, k, v, r, u, v_bias, *, causal=True, mask=None,
 def relative_attention_backward(dout, cache):
     """Backward of relative_attention_forward.
 
-    The cache holds k, v, r, q + u, q + v, the probabilities, the output and
+    The cache contains k, v, r, q + u, q + v, the probabilities, the output and
     the mask; nothing is recomputed. Returns (dq, dk, dv, dr, du, dv_bias).
     Masked keys have probability 0, so the garbage that the pad/reshape shift
     leaves above the diagonal gets no gradient.
@@ -528,7 +538,7 @@ def check_layer_inputs(h, mem, params, config):
 
 
 def layer_forward(h, mem, params, config, *, mask=None, rng=None):
-    """One Transformer-XL decoder layer on a segment h with the layer's memory.
+    """Apply one Transformer-XL decoder layer to a segment h with the layer's memory.
 
     Inputs:
     - h: the segment's input to this layer (B, N, C)
@@ -867,7 +877,7 @@ def make_method(rng=None, **options):
 
 
 def _attention_case(rng, label, *, n_queries, n_keys, causal, shift="gather", clamp_len=None):
-    """A float64 case for xl_attention_forward over q, k, v, W_r, u, v."""
+    """Build a float64 case for xl_attention_forward over q, k, v, W_r, u, v."""
     batch, n_heads, width = 2, 2, 3
     shapes = [
         (batch, n_heads, n_queries, width), (batch, n_heads, n_keys, width), (batch, n_heads, n_keys, width),
@@ -883,7 +893,7 @@ def _attention_case(rng, label, *, n_queries, n_keys, causal, shift="gather", cl
 
 
 def _layer_case(rng, label, config, *, n_queries, mem_length):
-    """A float64 case for layer_forward over the segment and every parameter, memory fixed."""
+    """Build a float64 case for layer_forward over the segment and every parameter, memory fixed."""
     batch, width, inner = 2, 4, 6
     params = init_layer_params(width, config.n_heads, inner, rng)
     params["u"] = rng.standard_normal(params["u"].shape)  # away from 0, so the bias paths are exercised

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from miniattn import gradcheck, methods
+from miniattn.core import kernels
 from miniattn.transformer import attention_backward, attention_forward, merge_heads, split_heads
 from miniattn.transformer_xl import (
     LAYER_PARAM_NAMES,
@@ -109,6 +110,14 @@ def test_shift_adjoint_identity(rng, n_queries, mem_length):
         lhs = np.sum(rel_shift_gather(x, n_keys) * g)
         rhs = np.sum(x * rel_shift_gather_adjoint(g, n_positions))
         assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+@pytest.mark.parametrize("backend", kernels.available_backends())
+def test_gather_adjoint_backends_agree(rng, backend):
+    g = rng.standard_normal((2, 3, 4, 6))
+    for n_positions in (6, 9):
+        expected = rel_shift_gather_adjoint(g, n_positions, backend="numpy")
+        assert np.array_equal(rel_shift_gather_adjoint(g, n_positions, backend=backend), expected)
 
 
 def test_gather_adjoint_sends_nothing_to_unread_columns(rng):
@@ -251,7 +260,9 @@ def test_method_object_gradcheck(rng, causal):
     assert np.array_equal(out, reference)
     dout = rng.standard_normal(out.shape)
     dq, dk, dv = method.backward(dout, cache)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dq.shape == q.shape
+    assert dk.shape == k.shape
+    assert dv.shape == v.shape
     assert method.grads["W_r"].shape == params["W_r"].shape
 
     inputs = [q, k, v, params["W_r"], params["u"], params["v_bias"]]
@@ -383,7 +394,8 @@ def test_method_draws_parameters_from_rng():
     first = make_method(np.random.default_rng(3)).parameters(2, 4)
     second = make_method(np.random.default_rng(3)).parameters(2, 4)
     assert np.array_equal(first["W_r"], second["W_r"])
-    assert first["W_r"].shape == (8, 8) and first["u"].shape == (2, 4)
+    assert first["W_r"].shape == (8, 8)
+    assert first["u"].shape == (2, 4)
 
 
 def test_multi_head_helpers_round_trip(rng):
