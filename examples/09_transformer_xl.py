@@ -57,8 +57,9 @@ assert all(mem.shape[1] == config.mem_len for mem in next_mems)
 
 # %% 4. The four score terms of layer 0 on segment 2.
 # q from the segment, k from [memory ; segment], r = R W_r from the sinusoids of
-# the distances 7, 6, ..., 0. The paper's terms: (a) content q.k, (b) content-
-# position q.r, (c) global content bias u.k, (d) global position bias v.r.
+# the distances 7, 6, ..., 0. The four terms of Dai et al. (2019) are
+# (a) content q.k, (b) content-position q.r, (c) global content bias u.k and
+# (d) global position bias v.r.
 layer = params[0]
 joined = np.concatenate([mems[0], segment2], axis=1)  # (1, M, C)
 q = split_heads(segment2 @ layer["W_q"], n_heads)  # (1, H, N, D)
@@ -74,8 +75,8 @@ print("max |(a + b + c + d) - (AC + BD)|:", total_error)
 assert total_error < 1e-12
 
 # %% 5. The relative shift.
-# Column t of BD_raw holds distance d_t = 7 - t for every query. Shifting moves
-# it under key j so that entry (i, j) holds the distance of query i (at
+# Column t of BD_raw contains distance d_t = 7 - t for every query. Shifting moves
+# it under key j so that entry (i, j) contains the distance of query i (at
 # position i + 4) from key j. Feed the distances themselves through the shift
 # to see it. On the diagonal j = i + 4 the distance is 0, and the gather form
 # also writes 0 to every key after it.
