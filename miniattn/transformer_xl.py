@@ -576,6 +576,8 @@ def layer_forward(h, mem, params, config, *, mask=None, rng=None):
 
     # 4. Output projection, dropout and the residual sum (then LayerNorm when post-norm).
     attended, o_cache = linear_forward(merge_heads(heads), params["W_o"])  # (B, N, C)
+    # NOTE: dropout acts on the attention and feed-forward outputs only; the reference
+    # code also drops attention probabilities and embeddings, which this layer leaves out.
     attended, drop1_cache = dropout_forward(attended, config.dropout, rng)
     hidden = h + attended  # (B, N, C)
     if not pre_norm:

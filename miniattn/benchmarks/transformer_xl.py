@@ -120,7 +120,7 @@ def main(argv):
     parser.add_argument("--segment", type=int, default=8, help="segment length N of the reach study (default 8)")
     parser.add_argument("--length", type=int, default=64, help="sequence length T of the reach study (default 64)")
     parser.add_argument("--layers", default="1,2,3", help="comma-separated layer counts of the reach study (default 1,2,3)")
-    parser.add_argument("--mem", default="0,4,8", help="comma-separated mem_len of the reach study (default 0,4,8)")
+    parser.add_argument("--mem", default="0,4,8,16", help="comma-separated mem_len of the reach study (default 0,4,8,16)")
     parser.add_argument("--time-n", default="64,128", help="comma-separated segment lengths N to time (default 64,128)")
     parser.add_argument("--width", type=int, default=128, help="model width C of the timing (default 128)")
     parser.add_argument("--heads", type=int, default=4, help="number of heads H of the timing (default 4)")
