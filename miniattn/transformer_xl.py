@@ -3,14 +3,15 @@
 Letters: B batch, H heads, N queries (the current segment), M keys
 (memory + segment), Mem = M - N the memory length, D head width, C model
 width (C = H * D), P rows of relative position embeddings, F feed-forward
-width, T total sequence length.
+width, T total sequence length, L layers.
 
 Idea. A long sequence is cut into segments of N positions. Each layer keeps
 the hidden states it saw last as a memory of at most mem_len positions, and
 the next segment attends to [memory ; segment]. The memory is a constant
 (stop-gradient), so training never back-propagates into earlier segments,
-but a layer can still reach mem_len positions back, and L layers reach about
-L * mem_len positions back. Absolute positions would give a cached state the
+but a layer can still reach mem_len positions back, and the last position of
+a segment reaches at least (N - 1) + L * mem_len positions back through L
+layers (exactly that when mem_len is a multiple of N). Absolute positions would give a cached state the
 same position as a new one, so the scores use relative distances instead.
 
 Relative positional attention. Query i is at absolute position i + Mem, so
@@ -26,7 +27,7 @@ biases):
     BD[i, j] = BD_raw[i, j + N - 1 - i]  (the relative shift)
              = (q_i + v) . r at distance (i + Mem) - j
                                        terms (b) position and (d) position bias
-    S = (AC + BD) / sqrt(D),  P = softmax over keys with j <= i + Mem,  O = P v
+    S = (AC + BD) / sqrt(D),  A = softmax of S over keys j <= i + Mem,  O = A v
 
 A clamp length clamps every distance to [-clamp_len, clamp_len]. Causal
 attention needs P = M rows (distances M - 1 .. 0). Bidirectional attention
@@ -44,10 +45,10 @@ runs the pad/reshape form instead (causal only) and gives the same result.
 
 Backward (the shift is linear, so its backward is its adjoint):
 
-    dS = P * (dP - rowsum(dO * O)),   dAC = dBD = dS / sqrt(D)
+    dS = A * (dA - rowsum(dO * O)),   dAC = dBD = dS / sqrt(D)
     dBD_raw = shift_adjoint(dBD)       (a scatter-add into BD_raw)
     d(q + u) = dAC k,    dk = dAC^T (q + u),   du = sum_{B, N} d(q + u)
-    d(q + v) = dBD_raw r, dr = sum_B dBD_raw^T (q + v), dv = sum_{B, N} d(q + v)
+    d(q + v) = dBD_raw r,  dr = sum_B dBD_raw^T (q + v),  dv_bias = sum_{B, N} d(q + v)
     dq = d(q + u) + d(q + v),   dW_r = R^T dr
 
 Segment recurrence. After a segment, layer l's memory becomes the last
@@ -217,7 +218,7 @@ def relative_mask(n_queries, n_keys, *, causal=True, window=None, mask=None):
     """Return the allowed keys (bool, broadcastable to (..., N, M)), or None for all keys.
 
     causal: key j is allowed for query i when j <= i + M - N (the queries are the
-    last N keys). window: query i also needs j > i + M - N - window, so it sees at
+    last N keys). window: query i also needs j > i + M - N - window, so it attends at
     most `window` keys (the same_length option). mask: an extra mask ANDed in.
     """
     query_pos = np.arange(n_queries)[:, None] + (n_keys - n_queries)  # (N, 1)
@@ -231,11 +232,11 @@ def relative_mask(n_queries, n_keys, *, causal=True, window=None, mask=None):
 
 
 def relative_scores(q, k, r, u, v_bias, *, shift="gather"):
-    """Return the unscaled score terms AC (..., H, N, M), BD (..., H, N, M) and BD_raw (..., H, N, P).
+    """Return (AC, BD, BD_raw, q + u, q + v), the unscaled score terms and their left factors.
 
-    The four terms of the paper, each (..., H, N, M), are
-    (a) q.k = AC - u.k, (c) u.k, (b) shifted q.r = BD - (d), (d) shifted v.r;
-    score_terms() returns them one by one.
+    AC and BD are (..., H, N, M), BD_raw is (..., H, N, P), q + u and q + v are
+    (..., H, N, D). AC = (a) + (c) and BD = (b) + (d) in the four terms that
+    score_terms() returns one by one.
     """
     n_keys = k.shape[-2]
 
@@ -321,7 +322,7 @@ def relative_attention_forward(q, k, v, r, u, v_bias, *, causal=True, mask=None,
     - u, v_bias: global content and position biases (H, D)
     - causal: allow key j for query i only when j <= i + M - N
     - mask: optional extra bool mask broadcastable to (..., H, N, M)
-    - window: optional int, each query sees at most this many keys (same_length)
+    - window: optional int, each query attends at most this many keys (same_length)
     - shift: "gather" (default) or "pad_reshape" (causal only)
 
     Returns (out, cache): out (..., H, N, D); cache holds the inputs of the
@@ -330,6 +331,8 @@ def relative_attention_forward(q, k, v, r, u, v_bias, *, causal=True, mask=None,
     n_heads, n_queries, n_keys, width, n_positions = check_relative_inputs(q, k, v, r, u, v_bias, causal, shift)
     if mask is not None:
         check_mask(mask, q.shape[:-1] + (n_keys,))
+    if window is not None and not causal:
+        raise ValueError(f"window={window} needs causal=True; the window limits how far back a query attends")
     scale = q.dtype.type(1.0 / np.sqrt(width))
 
     # 1-2. Content term AC and shifted position term BD.
@@ -443,7 +446,7 @@ class XLConfig:
     - mem_len: positions of memory kept per layer after each segment (>= 0)
     - ext_len: trailing positions of a segment left out of the memory (>= 0)
     - clamp_len: clamp relative distances to at most this (None: no clamp)
-    - same_length: each query sees at most mem_len keys (needs mem_len >= 1)
+    - same_length: each query attends at most mem_len keys (needs mem_len >= 1)
     - norm: "post" (LayerNorm after each residual sum, the paper's default) or
       "pre" (LayerNorm before attention and feed-forward; the memory is
       normalised again with the segment)
