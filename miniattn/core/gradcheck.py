@@ -12,7 +12,9 @@ central differences in float64:
     dL/du ~ (L(x + h u) - L(x - h u)) / (2 h)
 
 For an input with at most ``max_elementwise`` entries, u runs over every unit
-vector (one entry at a time, h = eps * max(1, |x_i|)). For a larger input,
+vector (one entry at a time, h = eps * max(1, |x_i|)). The default eps = 1e-5
+is near the step that balances the central difference's truncation error,
+O(h^2), against round-off, O(1e-16 |L| / h). For a larger input,
 u is each of ``n_directions`` random Gaussian directions, and the analytic
 value is the inner product <grad, u>.
 
@@ -23,7 +25,7 @@ The error reported per input is the maximum over entries (or directions) of
 with floor = 1e-3 * (the largest analytic gradient entry over all inputs,
 at least 1e-10). Entries much smaller than the largest gradient, including
 gradients that are exactly zero, are therefore compared with an absolute
-tolerance: round-off in L(x +- h u) is about 1e-16 |L| / h ~ 1e-10 |L|, and
+tolerance: round-off in L(x +- h u) is about 1e-16 |L| / h ~ 1e-11 |L|, and
 dividing that noise by a tiny gradient would report a failure that is not
 there. A gradient that is wrong by a factor still shows an error of that
 factor unless it is over 1000 times smaller than the largest one.
@@ -94,7 +96,7 @@ def gradcheck(
     *,
     names=None,
     rng=None,
-    eps=1e-6,
+    eps=1e-5,
     max_elementwise=256,
     n_directions=6,
 ):

@@ -1,0 +1,95 @@
+"""``python -m miniattn gradcheck [METHOD ...]``: prove every backward with finite differences.
+
+For each method, the cases come from the method module's ``gradcheck_cases(rng)``
+when it defines one (methods with special inputs, such as shared query-key
+attention, do), and otherwise from the generic case below: the method object
+on small float64 q (1, 2, 5, 4), k and v (1, 2, 7, 4), bidirectional and
+causal. A case the method rejects as unsupported (ValueError) is reported as
+skipped, not hidden.
+"""
+
+import argparse
+import importlib
+import sys
+
+import numpy as np
+
+from ..core.gradcheck import gradcheck
+from ..methods import METHODS, info, is_implemented, make_method
+
+TOLERANCE = 1e-6
+
+
+def generic_cases(name, rng):
+    """Return the generic (label, forward, backward, inputs, names) cases of a method."""
+    cases = []
+    for causal in (False, True):
+        method = make_method(name, rng=np.random.default_rng(0))
+        q = rng.standard_normal((1, 2, 5, 4))
+        k = rng.standard_normal((1, 2, 7, 4))
+        v = rng.standard_normal((1, 2, 7, 4))
+
+        def forward(q, k, v, method=method, causal=causal):
+            return method.forward(q, k, v, causal=causal)
+
+        label = "causal, N=5, M=7" if causal else "bidirectional, N=5, M=7"
+        cases.append((label, forward, method.backward, [q, k, v], ["q", "k", "v"]))
+    return cases
+
+
+def method_cases(name, rng):
+    """Return the gradient-check cases of a method: its own, or the generic ones."""
+    module = importlib.import_module(info(name).module)
+    if hasattr(module, "gradcheck_cases"):
+        return module.gradcheck_cases(rng)
+    return generic_cases(name, rng)
+
+
+def run_method(name, rng):
+    """Run every case of one method; return a list of (label, result or skip reason)."""
+    outcomes = []
+    for label, forward, backward, inputs, names in method_cases(name, rng):
+        try:
+            result = gradcheck(forward, backward, inputs, names=names, rng=rng)
+        except ValueError as error:
+            outcomes.append((label, f"skipped: {error}"))
+            continue
+        outcomes.append((label, result))
+    return outcomes
+
+
+def worst_error(outcomes):
+    """Return the largest max_rel_error over the checked cases (0.0 when none ran)."""
+    errors = [result.max_rel_error for _, result in outcomes if not isinstance(result, str)]
+    return max(errors, default=0.0)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="python -m miniattn gradcheck", description=__doc__.split("\n")[0])
+    parser.add_argument("methods", nargs="*", help="method names (default: every implemented method)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradients")
+    parser.add_argument("--tol", type=float, default=TOLERANCE, help="maximum relative error that passes (default 1e-6)")
+    args = parser.parse_args(argv)
+
+    names = args.methods or [method.name for method in METHODS if is_implemented(method.name)]
+    for name in names:
+        info(name)  # unknown names raise with the list of known ones
+        if not is_implemented(name):
+            parser.error(f"method {name!r} is registered but not implemented yet")
+
+    failures = 0
+    for name in names:
+        rng = np.random.default_rng(args.seed)
+        for label, result in run_method(name, rng):
+            if isinstance(result, str):
+                print(f"{name}: {label}: {result}")
+                continue
+            status = "ok" if result.passed(args.tol) else "FAILED"
+            failures += status != "ok"
+            print(f"{name}: {label}: max rel error {result.max_rel_error:.1e} ({status}, tolerance {args.tol:.0e})")
+            for check in result.inputs:
+                print(f"    {check.name:<10} {str(check.shape):<18} {check.mode:<18} {check.max_rel_error:.2e}")
+    if failures:
+        print(f"{failures} gradient check(s) failed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,67 @@
+"""The command line: every command runs and reports what it promises."""
+
+import json
+
+import pytest
+
+from miniattn.cli import main
+from miniattn.methods import METHODS
+
+
+def test_no_command_prints_usage(capsys):
+    assert main([]) == 0
+    assert "commands:" in capsys.readouterr().out
+
+
+def test_unknown_command_fails(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_list_shows_every_method_in_year_order(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    positions = [out.index(method.name) for method in METHODS]
+    assert positions == sorted(positions)
+    assert "implemented" in out
+
+
+def test_gradcheck_transformer_passes(capsys):
+    assert main(["gradcheck", "transformer"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer: causal, N=5, M=7: max rel error" in out
+    assert "FAILED" not in out
+
+
+def test_gradcheck_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="unknown attention method 'nope'"):
+        main(["gradcheck", "nope"])
+
+
+def test_bench_sweep_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--methods", "transformer", "--n", "32,64", "--d", "8", "--repeat", "1", "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    assert [row["N"] for row in payload["rows"]] == [32, 64]
+    assert all(row["forward_backward_s"] > 0 for row in payload["rows"])
+    assert "time exponent" in capsys.readouterr().out
+
+
+def test_bench_dense_suite_reports_matmul_fraction(tmp_path, capsys):
+    path = tmp_path / "dense.json"
+    assert main(["bench", "--suite", "dense", "--n", "64", "--d", "8", "--repeat", "1", "--json", str(path)]) == 0
+    row = json.loads(path.read_text())["rows"][0]
+    assert 0 < row["matmul_fraction"]
+    assert "matmul fraction" in capsys.readouterr().out
+
+
+def test_bench_unknown_suite_fails(capsys):
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+def test_tour_runs_and_ends_with_table(capsys):
+    assert main(["tour", "--n", "64", "--d", "8", "--repeat", "1", "--methods", "transformer"]) == 0
+    out = capsys.readouterr().out
+    assert "keys seen" in out
+    assert out.strip().splitlines()[-1].startswith("2017")
