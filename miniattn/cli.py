@@ -13,6 +13,8 @@ COMMANDS = {
     "gradcheck": ("miniattn.commands.gradcheck", "check every backward against finite differences"),
     "bench": ("miniattn.commands.bench", "time and peak memory of the methods against N"),
     "tour": ("miniattn.commands.tour", "run every method on the same input and compare"),
+    "train": ("miniattn.commands.train", "train the character language model with any attention method"),
+    "sample": ("miniattn.commands.sample", "generate text from a trained language model checkpoint"),
 }
 
 

@@ -321,29 +321,39 @@ class DecoderLM(Module):
     def vocab_size(self):
         return self.token_embedding.vocab_size
 
-    def check_ids(self, ids):
-        """Check (B, N) token ids with 1 <= N <= max_length; return them as an ndarray."""
+    def check_ids(self, ids, start=0):
+        """Check (B, N) token ids with 1 <= N and start + N <= max_length; return them as an ndarray."""
         ids = check_token_ids("ids", ids, self.vocab_size)
-        if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.max_length:
+        check_int("start", start, minimum=0)
+        if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.max_length - start:
             raise ValueError(
-                f"ids has shape {ids.shape}; expected (B, N) with 1 <= N <= max_length={self.max_length}"
+                f"ids has shape {ids.shape} at start={start}; expected (B, N) with 1 <= N and "
+                f"start + N <= max_length={self.max_length}"
             )
         return ids
 
-    def embed(self, ids):
-        """Return (token + position embeddings (B, N, C), cache) for checked ids (B, N)."""
+    def embed(self, ids, start=0):
+        """Return (token + position embeddings (B, N, C), cache) for checked ids (B, N).
+
+        The ids sit at positions start .. start + N - 1.
+        """
         tokens, token_cache = self.token_embedding.forward(ids)  # (B, N, C)
-        positions, position_cache = self.position_embedding.forward(np.arange(ids.shape[1]))  # (N, C)
+        positions, position_cache = self.position_embedding.forward(np.arange(start, start + ids.shape[1]))  # (N, C)
         h, dropout_cache = self.dropout.forward(tokens + positions)  # (B, N, C)
         return h, (token_cache, position_cache, dropout_cache)
 
-    def forward(self, ids):
-        """Return (logits (B, N, V), cache); logits[:, t] predicts the token after ids[:, t]."""
-        ids = self.check_ids(ids)
+    def forward(self, ids, *, start=0):
+        """Return (logits (B, N, V), cache); logits[:, t] predicts the token after ids[:, t].
+
+        start shifts the learned positions: the ids take positions start ..
+        start + N - 1. Training windows shorter than max_length at random
+        starts trains every row of the position table.
+        """
+        ids = self.check_ids(ids, start)
         cache = {"blocks": []}
 
         # 1. Token and position embeddings.
-        h, cache["embedding"] = self.embed(ids)  # (B, N, C)
+        h, cache["embedding"] = self.embed(ids, start)  # (B, N, C)
 
         # 2. Blocks: causal self-attention, then FF.
         for block in self.blocks:

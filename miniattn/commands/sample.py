@@ -1,0 +1,34 @@
+"""``python -m miniattn sample``: generate text from a checkpoint written by ``train``."""
+
+import argparse
+import sys
+
+import numpy as np
+
+from ..training import load_checkpoint
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="python -m miniattn sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .npz file written by python -m miniattn train")
+    parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    parser.add_argument("--length", type=int, default=300, help="characters to generate (default 300)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0 (default 0.8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    args = parser.parse_args(argv)
+    if args.length <= 0:
+        parser.error(f"--length={args.length} is invalid; expected a positive number of characters")
+    if not args.temperature > 0:
+        parser.error(f"--temperature={args.temperature} is invalid; expected a positive number")
+    if not args.prompt:
+        parser.error("--prompt is empty; give at least one character to continue")
+    try:
+        model, config, vocabulary, _, _ = load_checkpoint(args.checkpoint)
+        prompt_ids = vocabulary.encode(args.prompt)[None]  # (1, P)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ids = model.generate(prompt_ids, args.length, rng=np.random.default_rng(args.seed), temperature=args.temperature)
+    print(f"# {config['attention']} model, {len(vocabulary)} characters, temperature {args.temperature}")
+    print(vocabulary.decode(ids[0]))
+    return 0
