@@ -9,34 +9,39 @@ For each method, in the order of its history, the tour
 4. runs the method's gradient checks on small float64 inputs,
 and ends with one table ordered by year.
 
-The input is the queries, keys and values of a small random attention layer
-applied to token embeddings plus sinusoidal positions, so that attention has
-both content and positional structure.
+The input is real: the queries, keys and values of the last layer of a
+character language model, trained by miniattn itself on the Python standard
+library's source (or --text), on a passage of N characters it has not been
+trained on. Learned attention is peaked and local, so the approximation
+errors are those a trained model would see, not those of random vectors.
+The model is trained once with a bounded budget and saved under
+$MINIATTN_CACHE or ~/.cache/miniattn (or --checkpoint); later tours reuse it.
 """
 
 import argparse
+import pathlib
+import sys
+import time
 
 import numpy as np
 
+from .. import plots
 from ..benchmarks.harness import best_time, format_bytes, format_table, peak_memory
 from ..core.kernels import backend
 from ..methods import METHODS, info, is_implemented, make_method
-from ..transformer import attention_forward, sinusoidal_positions, split_heads
+from ..training import build_model, cache_dir, load_checkpoint, load_corpus, model_config, save_checkpoint, train
+from ..transformer import attention_forward
 from .gradcheck import run_method, worst_error
+from .train import Progress, report_plots
 
 STRIP_WIDTH = 64  # characters in the drawing of the keys one query sees
 
-
-def synthetic_inputs(n, width, heads, rng, dtype=np.float64):
-    """Return q, k, v (1, H, N, D) of a random attention layer over tokens and positions."""
-    model_width = width * heads
-    vocabulary = 32
-    tokens = rng.integers(0, vocabulary, size=n)
-    embeddings = rng.standard_normal((vocabulary, model_width))
-    x = embeddings[tokens] + 2.0 * sinusoidal_positions(n, model_width)  # (N, C)
-    projections = [rng.standard_normal((model_width, model_width)) / np.sqrt(model_width) for _ in range(3)]
-    q, k, v = (split_heads((x @ w)[None], heads).astype(dtype) for w in projections)  # (1, H, N, D)
-    return 2.0 * q, k, v  # a sharper softmax, as in trained layers
+# The tour's language model: windows of TRAIN_CONTEXT characters at random
+# offsets train a position table of max(N, MIN_POSITIONS) rows.
+TRAIN_CONTEXT = 64
+MIN_POSITIONS = 1024
+TRAIN_STEPS = 600
+TRAIN_SECONDS = 60.0
 
 
 def draw_keys(seen_row, width=STRIP_WIDTH):
@@ -79,6 +84,7 @@ def run_one(name, q, k, v, causal_preferred, repeat, seed):
         "name": name,
         "causal": causal,
         "strip": draw_keys(seen[0, 0, -1]),
+        "pattern": np.array(seen[0, 0]),  # (N, M) of head 0, for --plot
         "keys_seen": float(seen[0, 0, -1].mean()),
         "error": error,
         "mass_kept": mass_kept,
@@ -89,17 +95,103 @@ def run_one(name, q, k, v, causal_preferred, repeat, seed):
     }
 
 
+def tour_model(args):
+    """Load the tour's language model from its checkpoint, or train and save it; return (model, config, corpus)."""
+    path = pathlib.Path(args.checkpoint) if args.checkpoint else cache_dir() / "tour-lm.npz"
+    if path.is_file() and not args.retrain:
+        model, config, vocabulary, _, extra = load_checkpoint(path)
+        differences = []
+        if args.heads is not None and args.heads != config["n_heads"]:
+            differences.append(f"heads: checkpoint {config['n_heads']}, requested {args.heads}")
+        if args.d is not None and args.d != config["width"] // config["n_heads"]:
+            differences.append(f"head width d: checkpoint {config['width'] // config['n_heads']}, requested {args.d}")
+        if config["max_length"] < args.n:
+            differences.append(f"positions: checkpoint N <= {config['max_length']}, requested --n {args.n}")
+        if differences:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was trained with another configuration ({'; '.join(differences)}); "
+                f"drop those options, or pass --retrain to train a new model"
+            )
+        try:
+            corpus = load_corpus(args.text, config["context"], vocabulary=vocabulary)
+        except ValueError as error:
+            raise ValueError(f"{error} (for the tour: pass --retrain)") from None
+        print(
+            f"reusing the language model in {path} (validation loss {extra.get('validation_loss', float('nan')):.3f}, "
+            f"unigram {extra.get('unigram_loss', float('nan')):.3f}); pass --retrain to train it again"
+        )
+        return model, config, corpus
+
+    heads = 4 if args.heads is None else args.heads
+    corpus = load_corpus(args.text, TRAIN_CONTEXT)
+    config = model_config(
+        len(corpus.vocabulary), context=TRAIN_CONTEXT, max_length=max(args.n, MIN_POSITIONS),
+        width=heads * (16 if args.d is None else args.d), n_heads=heads, attention="transformer",
+    )
+    model = build_model(config, seed=args.seed)
+    print(
+        f"training the tour's language model ({model.parameter_count():,} parameters, dense attention) on "
+        f"{corpus.description} for {args.train_steps} steps or {args.train_time:.0f} s, whichever comes first"
+    )
+    history, optimizer = train(
+        model, corpus, TRAIN_CONTEXT, steps=args.train_steps, time_budget=args.train_time, seed=args.seed,
+        callback=Progress("tour model", args.train_steps, args.train_time), eval_every=max(1, args.train_steps // 6),
+    )
+    last = history[-1]
+    save_checkpoint(path, model, config, corpus.vocabulary, optimizer,
+                    extra={"validation_loss": last["validation_loss"], "unigram_loss": corpus.unigram_loss})
+    print(f"saved the tour's language model to {path}")
+    return model, config, corpus
+
+
+def passage_ids(corpus, n):
+    """Return n character ids of held-out text: the validation part, or the end of the text when that is short."""
+    if len(corpus.validation_ids) >= n:
+        return corpus.validation_ids[:n]
+    every_id = np.concatenate([corpus.train_ids, corpus.validation_ids])
+    if len(every_id) < n:
+        raise ValueError(
+            f"{corpus.description} has {len(every_id)} characters, fewer than --n {n}; pass a longer --text or a smaller --n"
+        )
+    return every_id[-n:]
+
+
+def real_inputs(args):
+    """Return q, k, v (1, H, N, D) float64 of the model's last layer on a held-out passage, and the passage."""
+    model, config, corpus = tour_model(args)
+    ids = passage_ids(corpus, args.n)  # (N,)
+    layer = config["n_layers"] - 1
+    q, k, v = (array.astype(np.float64) for array in model.attention_inputs(ids[None], layer))  # (1, H, N, D)
+    return q, k, v, corpus.vocabulary.decode(ids), layer
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m miniattn tour", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1024, help="sequence length N of the tour input (default 1024)")
-    parser.add_argument("--d", type=int, default=32, help="head width D (default 32)")
-    parser.add_argument("--heads", type=int, default=2, help="number of heads H (default 2)")
     parser.add_argument("--methods", default="", help="comma-separated method names (default: all implemented)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats, minimum reported (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the input and the methods' random state")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, its batches and the methods' random state")
+    parser.add_argument("--text", metavar="PATH", help="UTF-8 text to train on and take the passage from "
+                        "(default: standard-library sources)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="the language model to reuse or to save "
+                        "(default: $MINIATTN_CACHE or ~/.cache/miniattn, tour-lm.npz)")
+    parser.add_argument("--retrain", action="store_true", help="train the language model again even if a checkpoint exists")
+    parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help=f"training steps (default {TRAIN_STEPS})")
+    parser.add_argument("--train-time", type=float, default=TRAIN_SECONDS,
+                        help=f"training time budget in seconds (default {TRAIN_SECONDS:.0f})")
+    parser.add_argument("--heads", type=int, help="heads H of a newly trained model (default 4)")
+    parser.add_argument("--d", type=int, help="head width D of a newly trained model (default 16)")
+    parser.add_argument("--plot", metavar="DIR", help="write each method's pattern and its error against time as PNG files")
     args = parser.parse_args(argv)
     if args.n < 8:
         parser.error(f"--n={args.n} is too small; expected N >= 8")
+    if args.train_steps <= 0:
+        parser.error(f"--train-steps={args.train_steps} is invalid; expected a positive number of steps")
+    if not args.train_time > 0:
+        parser.error(f"--train-time={args.train_time} is invalid; expected a positive number of seconds")
+    for flag, value in (("--heads", args.heads), ("--d", args.d), ("--repeat", args.repeat)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag}={value} is invalid; expected a positive integer")
 
     names = [item for item in args.methods.split(",") if item] or [m.name for m in METHODS if is_implemented(m.name)]
     for name in names:
@@ -107,9 +199,14 @@ def main(argv):
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
 
-    rng = np.random.default_rng(args.seed)
-    q, k, v = synthetic_inputs(args.n, args.d, args.heads, rng)
-    print(f"tour input: q, k, v of shape {q.shape} (float64), kernels: {backend()}")
+    started = time.perf_counter()
+    try:
+        q, k, v, passage, layer = real_inputs(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"\ntour input: q, k, v of layer {layer} on a held-out passage, shape {q.shape} (float64), kernels: {backend()}")
+    print(f"passage begins: {passage[:72]!r}")
     print(f"each strip shows which of the {args.n} keys the last query sees ('#' all, '+' some, '.' none)\n")
 
     rows = []
@@ -142,4 +239,8 @@ def main(argv):
         for row in sorted(rows, key=lambda row: info(row["name"]).year)
     ]
     print(format_table(table, list(table[0])))
+    print(f"\ntour finished in {time.perf_counter() - started:.0f} s")
+    if args.plot:
+        patterns = plots.keys_seen_patterns({row["name"]: row["pattern"] for row in rows}, args.plot)
+        report_plots(None if patterns is None else patterns + plots.tour_summary(rows, args.plot))
     return 0

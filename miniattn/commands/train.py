@@ -70,13 +70,19 @@ class Progress:
             return
         if self.interactive:
             self.stream.write("\n")
-        below = 1.0 - event["validation_loss"] / event["unigram_loss"]
         self.stream.write(
             f"{self.label} step {event['step']}: loss {event['loss']:.3f}, validation {event['validation_loss']:.3f} "
-            f"(unigram {event['unigram_loss']:.3f}, {below:.0%} below), {event['time_s']:.0f} s, "
+            f"(unigram {event['unigram_loss']:.3f}, {versus_unigram(event['validation_loss'], event['unigram_loss'])}), "
+            f"{event['time_s']:.0f} s, "
             f"{event['tokens_per_s']:,.0f} tok/s, peak {format_bytes(event['peak_bytes'])}\n"
         )
         self.stream.flush()
+
+
+def versus_unigram(loss, unigram_loss):
+    """Return '12% below' or '3% above': the loss relative to the unigram baseline."""
+    change = 1.0 - loss / unigram_loss
+    return f"{change:.0%} below" if change >= 0 else f"{-change:.0%} above"
 
 
 def build_parser():
@@ -182,7 +188,7 @@ def run_single(args, settings, steps, time_budget):
     last = final_eval(history)
     print(
         f"validation loss {last['validation_loss']:.3f} nats/char after {last['step']} steps and {last['time_s']:.0f} s; "
-        f"unigram baseline {corpus.unigram_loss:.3f} ({1 - last['validation_loss'] / corpus.unigram_loss:.0%} below)"
+        f"unigram baseline {corpus.unigram_loss:.3f} ({versus_unigram(last['validation_loss'], corpus.unigram_loss)})"
     )
     if not args.no_save:
         path = args.save or cache_dir() / f"train-{config['attention']}.npz"
@@ -238,9 +244,9 @@ def run_compare(parser, args, settings, steps, time_budget):
             "tok/s": f"{row['tokens_per_s']:,.0f}",
             "peak memory": format_bytes(row["peak_bytes"]),
             "validation loss": f"{row['validation_loss']:.3f}",
-            "below unigram": f"{1 - row['validation_loss'] / row['unigram_loss']:.0%}",
+            "vs unigram": versus_unigram(row["validation_loss"], row["unigram_loss"]),
         })
-    print(format_table(table, ["method", "steps", "time", "tok/s", "peak memory", "validation loss", "below unigram"]))
+    print(format_table(table, ["method", "steps", "time", "tok/s", "peak memory", "validation loss", "vs unigram"]))
     write_json(args.json, {"results": results, "histories": histories, "machine": machine_description()})
     if args.plot:
         report_plots(plots.loss_curves(histories, args.plot, corpus.unigram_loss))
