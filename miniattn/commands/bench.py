@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from .. import benchmarks
+from .. import benchmarks, plots
 from ..benchmarks.harness import (
     best_time,
     crossover,
@@ -143,6 +143,7 @@ def main(argv):
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats; the minimum is reported (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the methods' random state")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--plot", metavar="DIR", help="write time and memory against N (log-log) as PNG files to DIR")
     args = parser.parse_args(argv)
 
     names = parse_list(args.methods) or [method.name for method in METHODS if is_implemented(method.name)]
@@ -187,4 +188,10 @@ def main(argv):
             ["method", "time exponent", "memory exponent", "overtakes dense at N"],
         ))
     write_json(args.json, {"machine": machine_description(), "backend": backend(), "rows": rows, "summary": summary})
+    if args.plot:
+        paths = plots.scaling(rows, args.plot)
+        if paths is None:
+            print(plots.MISSING_MESSAGE)
+        for path in paths or []:
+            print(f"figure written to {path}")
     return 0
