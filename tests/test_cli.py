@@ -60,8 +60,10 @@ def test_bench_unknown_suite_fails(capsys):
     assert "unknown suite 'nope'" in capsys.readouterr().err
 
 
-def test_tour_runs_and_ends_with_table(capsys):
-    assert main(["tour", "--n", "64", "--d", "8", "--repeat", "1", "--methods", "transformer"]) == 0
+def test_tour_runs_and_ends_with_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIATTN_CACHE", str(tmp_path))
+    argv = ["tour", "--n", "64", "--d", "8", "--repeat", "1", "--methods", "transformer", "--train-steps", "2"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "keys seen" in out
     assert out.strip().splitlines()[-1].startswith("2017")

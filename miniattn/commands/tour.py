@@ -238,8 +238,8 @@ def main(argv):
         }
         for row in sorted(rows, key=lambda row: info(row["name"]).year)
     ]
+    print(f"tour finished in {time.perf_counter() - started:.0f} s, training included; the methods by year:\n")
     print(format_table(table, list(table[0])))
-    print(f"\ntour finished in {time.perf_counter() - started:.0f} s")
     if args.plot:
         patterns = plots.keys_seen_patterns({row["name"]: row["pattern"] for row in rows}, args.plot)
         report_plots(None if patterns is None else patterns + plots.tour_summary(rows, args.plot))
