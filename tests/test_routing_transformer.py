@@ -440,6 +440,9 @@ def test_balanced_routing_breaks_ties_by_position():
     index = select_top_tokens(scores, 2)
     np.testing.assert_array_equal(index[0, 0, 0], [1, 3])
     np.testing.assert_array_equal(index[0, 0, 1], [0, 1])  # all tied: the first positions
+    many = np.zeros((1, 1, 200, 1))
+    many[0, 0, 100:] = 1.0
+    np.testing.assert_array_equal(select_top_tokens(many, 50)[0, 0, 0], np.arange(100, 150))
 
 
 def test_duplicate_tokens_route_deterministically(rng):
