@@ -74,8 +74,8 @@ Backward. Assignments, index sets and the mean divisor n_i are constants:
 A token in several clusters receives the sum of its gradients (scatter-add
 accumulates duplicate indices).
 
-Complexity per head: routing O((N + M) Kc D) and the selection sort
-O(Kc (N log N + M log M)); attention O(Kc Wq Wk D), which is O(N^1.5 D)
+Complexity per head: routing O((N + M) Kc D) and the top-k selection
+O((N + M) Kc); attention O(Kc Wq Wk D), which is O(N^1.5 D)
 for N = M and Kc = sqrt(N). Memory O(Kc Wq Wk) for the in-cluster
 probabilities.
 """
@@ -171,12 +171,22 @@ def select_top_tokens(scores, window):
     - window: tokens per cluster, 1 <= window <= L
 
     Returns index (B, H, Kc, window) of positions, ascending within each
-    cluster. Equal scores go to the lower position: the stable sort of the
-    negated scores keeps position order among ties.
+    cluster. Equal scores go to the lower position. A partial sort finds the
+    window-th largest score t in O(L) per cluster; every score above t is
+    taken, and the positions scoring exactly t fill the remaining places in
+    position order.
     """
     per_cluster = np.swapaxes(scores, -1, -2)  # (B, H, Kc, L)
-    order = np.argsort(-per_cluster, axis=-1, kind="stable")  # (B, H, Kc, L)
-    return np.sort(order[..., :window], axis=-1)  # (B, H, Kc, window)
+    length = per_cluster.shape[-1]
+    threshold = -np.partition(-per_cluster, window - 1, axis=-1)[..., window - 1 : window]  # (B, H, Kc, 1)
+    above = per_cluster > threshold  # (B, H, Kc, L)
+    tied = per_cluster == threshold  # (B, H, Kc, L)
+    places_left = window - above.sum(axis=-1, keepdims=True)  # (B, H, Kc, 1), at least 1
+    if np.any(tied.sum(axis=-1, keepdims=True) > places_left):
+        tied &= np.cumsum(tied, axis=-1) <= places_left  # the first tied positions only
+    selected = above | tied  # exactly `window` per row
+    _, positions = np.nonzero(selected.reshape(-1, length))  # row-major: ascending within each row
+    return positions.reshape(per_cluster.shape[:-1] + (window,))  # (B, H, Kc, window)
 
 
 # --- gathers and scatters over (B, H) ----------------------------------------------
@@ -239,21 +249,22 @@ def _check_index(name, index, expected_shape, length):
         raise ValueError(f"{name} must be strictly increasing within each cluster (sorted, no repeats)")
 
 
-def route(q_unit, k_unit, centroids, *, query_window, key_window, routing="separate"):
+def route(query_scores, key_scores, *, query_window, key_window, routing="separate"):
     """Choose the query and key index sets of every cluster.
 
     Inputs:
-    - q_unit (B, H, N, D), k_unit (B, H, M, D): unit-length routing vectors
-    - centroids (H, Kc, D); query_window Wq; key_window Wk
+    - query_scores (B, H, N, Kc), key_scores (B, H, M, Kc): cosine scores of
+      the unit-length queries and keys against the centroids
+    - query_window Wq; key_window Wk
     - routing: "separate" (keys chosen by key scores) or "shared" (the query
       index sets serve as key index sets; needs N == M and Wq == Wk)
 
     Returns (query_index (B, H, Kc, Wq), key_index (B, H, Kc, Wk)).
     """
-    query_index = select_top_tokens(routing_scores(q_unit, centroids), query_window)  # (B, H, Kc, Wq)
+    query_index = select_top_tokens(query_scores, query_window)  # (B, H, Kc, Wq)
     if routing == "shared":
         return query_index, query_index
-    key_index = select_top_tokens(routing_scores(k_unit, centroids), key_window)  # (B, H, Kc, Wk)
+    key_index = select_top_tokens(key_scores, key_window)  # (B, H, Kc, Wk)
     return query_index, key_index
 
 
@@ -348,11 +359,13 @@ def routing_attention_forward(
     # 2. Routing (a constant for the backward): nearest centroids and balanced index sets.
     q_unit, _ = unit_rows(q_attended)  # (B, H, N, D)
     k_unit, _ = unit_rows(k_attended)  # (B, H, M, D)
-    query_assignment = np.argmax(routing_scores(q_unit, centroids), axis=-1)  # (B, H, N)
-    key_assignment = np.argmax(routing_scores(k_unit, centroids), axis=-1)  # (B, H, M)
+    query_scores = routing_scores(q_unit, centroids)  # (B, H, N, Kc)
+    key_scores = routing_scores(k_unit, centroids)  # (B, H, M, Kc)
+    query_assignment = np.argmax(query_scores, axis=-1)  # (B, H, N)
+    key_assignment = np.argmax(key_scores, axis=-1)  # (B, H, M)
     if query_index is None:
         query_index, key_index = route(
-            q_unit, k_unit, centroids, query_window=query_window, key_window=key_window, routing=routing
+            query_scores, key_scores, query_window=query_window, key_window=key_window, routing=routing
         )
     else:
         _check_index("query_index", query_index, (batch, heads, n_clusters, query_window), n_queries)

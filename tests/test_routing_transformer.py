@@ -445,6 +445,14 @@ def test_balanced_routing_breaks_ties_by_position():
     np.testing.assert_array_equal(select_top_tokens(many, 50)[0, 0, 0], np.arange(100, 150))
 
 
+@pytest.mark.parametrize("window", [1, 3, 7, 12])
+def test_balanced_routing_matches_stable_sort(rng, window):
+    scores = np.round(rng.standard_normal((2, 3, 12, 4)), 1)  # one decimal: many ties
+    per_cluster = np.swapaxes(scores, -1, -2)
+    expected = np.sort(np.argsort(-per_cluster, axis=-1, kind="stable")[..., :window], axis=-1)
+    np.testing.assert_array_equal(select_top_tokens(scores, window), expected)
+
+
 def test_duplicate_tokens_route_deterministically(rng):
     q, k, v = random_qkv(rng, 1, 1, 8, 8, 3)
     q[..., 4, :] = q[..., 2, :]  # exact ties in every score
