@@ -172,7 +172,7 @@ def select_top_tokens(scores, window):
 
     Returns index (B, H, Kc, window) of positions, ascending within each
     cluster. Equal scores go to the lower position. A partial sort finds the
-    window-th largest score t in O(L) per cluster; every score above t is
+    window-th largest score t in O(L) per cluster. Every score above t is
     taken, and the positions scoring exactly t fill the remaining places in
     position order.
     """
@@ -220,11 +220,19 @@ def scatter_add_tokens(values, index, length, *, backend=None):
 
 
 def _gather_mask(mask, query_index, key_index, full_shape):
-    """Gather mask[b, h, Q_c, K_c] for every cluster: (B, H, Kc, Wq, Wk)."""
+    """Gather mask[b, h, Q_c, K_c] for every cluster: (B, H, Kc, Wq, Wk), or (B, H, Kc, 1, Wk).
+
+    A mask that is the same for every query (a key padding mask such as
+    (B, 1, 1, M)) only needs its key columns gathered. A general mask has its
+    query rows gathered whole first, which costs Kc * Wq * M booleans per head.
+    """
     batch, heads = full_shape[:2]
-    full = np.broadcast_to(mask, full_shape)  # (B, H, N, M), a view
     b = np.arange(batch)[:, None, None, None]
     h = np.arange(heads)[None, :, None, None]
+    if np.ndim(mask) < 2 or np.shape(mask)[-2] == 1:
+        key_rows = np.broadcast_to(mask, full_shape[:2] + (1, full_shape[3]))[:, :, 0]  # (B, H, M)
+        return key_rows[b, h, key_index][..., None, :]  # (B, H, Kc, 1, Wk)
+    full = np.broadcast_to(mask, full_shape)  # (B, H, N, M), a view
     rows = full[b, h, query_index]  # (B, H, Kc, Wq, M)
     columns = np.broadcast_to(key_index[..., None, :], query_index.shape + key_index.shape[-1:])
     return np.take_along_axis(rows, columns, axis=-1)  # (B, H, Kc, Wq, Wk)
@@ -345,7 +353,9 @@ def routing_attention_forward(
         scale = 1.0 / np.sqrt(width)
     check_real("scale", scale)
     if (query_index is None) != (key_index is None):
-        raise ValueError("pass both query_index and key_index to freeze the routing, or neither")
+        raise ValueError(
+            "only one of query_index and key_index was given; pass both to freeze the routing, or neither"
+        )
 
     # 1. Optional layer normalisation: the attended queries and keys.
     norm_caches = None
@@ -417,9 +427,10 @@ def routing_attention_forward(
 def routing_attention_backward(dout, cache):
     """Backward of routing_attention_forward: returns (dq, dk, dv).
 
-    The cache holds the index sets, the per-query divisor n_i, the in-cluster
-    attention cache (probabilities included) and the layer-norm caches when
-    normalize_qk was set. Nothing is recomputed; the routing is a constant.
+    The cache contains the index sets, the per-query divisor n_i, the
+    in-cluster attention cache (probabilities included) and the layer-norm
+    caches when normalize_qk was set. Nothing is recomputed, and the routing
+    is a constant.
     """
     query_index = cache["query_index"]
     key_index = cache["key_index"]
@@ -454,10 +465,8 @@ def routing_keys_seen(cache):
     batch, heads, n_clusters, query_window = query_index.shape
     key_window = key_index.shape[-1]
     seen = np.zeros((batch, heads, n_queries, n_keys), dtype=bool)  # (B, H, N, M)
-    allowed = cache["allowed"]
-    if allowed is None:
-        allowed = np.ones((batch, heads, n_clusters, query_window, key_window), dtype=bool)
-    shape = allowed.shape
+    shape = (batch, heads, n_clusters, query_window, key_window)
+    allowed = np.ones(shape, dtype=bool) if cache["allowed"] is None else np.broadcast_to(cache["allowed"], shape)
     b = np.broadcast_to(np.arange(batch)[:, None, None, None, None], shape)
     h = np.broadcast_to(np.arange(heads)[None, :, None, None, None], shape)
     rows = np.broadcast_to(query_index[..., :, None], shape)
@@ -473,8 +482,8 @@ def routing_keys_seen(cache):
 def local_window_index(n_queries, n_keys, window, causal):
     """Return (index (N, W), valid (N, W)): the keys of each query's sliding window.
 
-    Query i sits at position p = i + M - N. A causal window holds positions
-    p - W + 1 .. p; a bidirectional one holds p - (W - 1) // 2 .. p + W // 2.
+    Query i sits at position p = i + M - N. A causal window contains positions
+    p - W + 1 .. p, and a bidirectional one p - (W - 1) // 2 .. p + W // 2.
     Positions outside [0, M) are clipped in index and marked invalid.
     """
     position = np.arange(n_queries)[:, None] + (n_keys - n_queries)  # (N, 1)
@@ -548,7 +557,7 @@ def local_keys_seen(cache, n_queries):
 
 
 def update_centroids(centroids, vectors, assignments, *, decay=0.999, eps=1e-6, valid=None):
-    """One online k-means step: move each centroid towards its items' mean direction.
+    """Move each centroid towards the mean direction of its items (one online k-means step).
 
     Inputs:
     - centroids: (H, Kc, D) unit-norm centroids
@@ -661,13 +670,13 @@ def commitment_loss_backward(dloss, cache):
 
 
 class RoutingAttention:
-    """Routing attention as an attention method object, holding its centroids.
+    """Routing attention method object; it keeps the centroids of its routing heads.
 
     The first `local_heads` heads attend a sliding window of W = Wk keys; the
     other heads route through online k-means. The centroids (H - local_heads,
     Kc, D) are drawn from rng on the first forward, when H and D are known,
     unless they are passed in; Kc is n_clusters, or round(sqrt(N)) of that
-    first call. forward never changes them: call update_centroids(cache)
+    first call. Later forwards never change them: call update_centroids(cache)
     after a training step, and add commitment_forward's loss to the training
     loss.
 
@@ -897,7 +906,7 @@ def make_method(rng=None, **options):
 
 
 def _frozen_routing_case(rng, label, shape, n_clusters, **options):
-    """A gradient-check case of routing attention with its index sets frozen."""
+    """Build a gradient-check case of routing attention with its index sets frozen."""
     batch, heads, n_queries, n_keys, width = shape
     q = rng.standard_normal((batch, heads, n_queries, width))
     k = rng.standard_normal((batch, heads, n_keys, width))

@@ -151,6 +151,26 @@ def test_frozen_routing_with_mask_matches_oracle(rng):
         np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=EXACT_TOL)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask_matches_oracle(rng, causal):
+    q, k, v = random_qkv(rng, 2, 2, 9, 9, 3)
+    mask = np.ones((2, 1, 1, 9), bool)
+    mask[1, ..., 6:] = False  # the second sequence has 6 valid keys
+    centroids = init_centroids(rng, 2, 3, 3)
+    out, cache = routing_attention_forward(q, k, v, centroids, causal=causal, mask=mask)
+    assert cache["allowed"].shape == ((2, 2, 3, 3, 3) if causal else (2, 2, 3, 1, 3))
+    dout = rng.standard_normal(out.shape)
+    grads = routing_attention_backward(dout, cache)
+    expected, expected_grads = oracle_forward_backward(
+        q, k, v, dout, cache["query_index"], cache["key_index"], causal, mask
+    )
+    np.testing.assert_allclose(out, expected, rtol=0, atol=EXACT_TOL)
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=EXACT_TOL)
+    seen = routing_keys_seen(cache)
+    assert not np.any(seen[1, ..., 6:])
+
+
 def test_several_clusters_average_exactly(rng):
     # Wq = N: every cluster selects every query, so each query is averaged over Kc clusters.
     q, k, v = random_qkv(rng, 1, 1, 6, 6, 3)
@@ -301,7 +321,8 @@ def test_method_commitment_gradcheck(rng):
     gradcheck(forward, method.commitment_backward, [q, k], names=["q", "k"], rng=rng).assert_ok(GRAD_TOL)
     _, cache = forward(q, k)
     dq, dk = method.commitment_backward(1.0, cache)
-    assert np.all(dq[:, 0] == 0) and np.all(dk[:, 0] == 0)  # the local head has no centroids
+    assert np.all(dq[:, 0] == 0)  # the local head has no centroids
+    assert np.all(dk[:, 0] == 0)
     assert np.all(dk[:, 1:, 4:] == 0)  # padded keys are left out of the mean
 
 
@@ -403,7 +424,8 @@ def test_method_update_moves_centroids_towards_data(rng):
     before = method.centroids.copy()
     loss_before, _ = method.commitment_forward(q, k)
     after = method.update_centroids(cache)
-    assert after is method.centroids and not np.array_equal(after, before)
+    assert after is method.centroids
+    assert not np.array_equal(after, before)
     loss_after, _ = method.commitment_forward(q, k)
     assert loss_after < loss_before
 
@@ -556,7 +578,8 @@ def test_no_nan_in_hard_cases(rng):
             out, cache = method.forward(q, k, v, causal=True, mask=mask)
             grads = method.backward(np.ones_like(out), cache)
             assert all(np.all(np.isfinite(x)) for x in (out,) + grads)
-            assert np.all(out[..., 3, :] == 0) and np.all(grads[0][..., 3, :] == 0)
+            assert np.all(out[..., 3, :] == 0)
+            assert np.all(grads[0][..., 3, :] == 0)
             method.update_centroids(cache)
             assert np.all(np.isfinite(method.centroids))
             loss, loss_cache = method.commitment_forward(q, k, mask=mask)
@@ -611,7 +634,8 @@ def test_method_local_heads_use_the_cluster_window(rng):
 def test_registry_builds_the_method(rng):
     assert methods.is_implemented("routing_transformer")
     method = methods.make_method("routing_transformer", rng=rng, n_clusters=2)
-    assert isinstance(method, RoutingAttention) and method.name == "routing_transformer"
+    assert isinstance(method, RoutingAttention)
+    assert method.name == "routing_transformer"
 
 
 @pytest.mark.parametrize("n_clusters", [0, -1])
@@ -684,7 +708,7 @@ def test_rejects_bad_options(rng):
         routing_attention_forward(q, k, v, centroids, key_window=0)
     with pytest.raises(ValueError, match="local_heads=3"):
         make_method(local_heads=3).forward(q, k, v)
-    with pytest.raises(ValueError, match="both query_index and key_index"):
+    with pytest.raises(ValueError, match="only one of query_index and key_index"):
         routing_attention_forward(q, k, v, centroids, query_index=np.zeros((1, 2, 2, 3), np.int64))
     with pytest.raises(ValueError, match="strictly increasing"):
         routing_attention_forward(

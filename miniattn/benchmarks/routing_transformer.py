@@ -3,12 +3,12 @@
 ``python -m miniattn bench --suite routing_transformer [--quick] [--json PATH]``
 
 1. Coverage. For a growing number of clusters Kc, the share of dense
-   attention's probability mass that falls on keys a query sees in some
-   cluster: coverage = mean_i sum_{j seen by i} P_ij, with P the dense
+   attention's probability mass that falls on keys a query attends in some
+   cluster: coverage = mean_i sum_{j attended by i} P_ij, with P the dense
    softmax. A query routed to no cluster covers 0; the mean over routed
-   queries only is reported too. Two inputs: "clustered"
-   (queries and keys near a few shared directions, the structure routing is
-   built for) and "random" (Gaussian). Two kinds of centroids: "random"
+   queries only is reported too. Two inputs: "clustered" (queries and keys
+   near a few shared directions, the structure routing is built for) and
+   "random" (Gaussian). Two kinds of centroids: "random"
    (drawn on the unit sphere) and "fitted" (a few online k-means steps on the
    same input). The fraction of keys seen is the coverage that a random key
    set of the same size would get on average.
