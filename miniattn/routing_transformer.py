@@ -669,6 +669,13 @@ def commitment_loss_backward(dloss, cache):
 # --- the method object --------------------------------------------------------------------
 
 
+def _heads_of(mask, start, stop):
+    """Return heads start..stop of a 4-D mask, or the mask itself when it broadcasts over heads."""
+    if mask is None or mask.shape[1] == 1:
+        return mask
+    return mask[:, start:stop]
+
+
 class RoutingAttention:
     """Routing attention method object; it keeps the centroids of its routing heads.
 
@@ -774,7 +781,7 @@ class RoutingAttention:
         check_int("local_heads", self.local_heads, maximum=heads)
         if mask is not None:
             check_mask(mask, (batch, heads, n_queries, n_keys))
-            mask = np.broadcast_to(mask, (batch, heads, n_queries, n_keys))
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # 4-D, still broadcastable
         n_local = self.local_heads
         if heads > n_local:
             self._ensure_centroids(q, n_keys)
@@ -785,7 +792,7 @@ class RoutingAttention:
 
         # Local heads: a sliding window of W keys.
         if n_local:
-            local_mask = None if mask is None else mask[:, :n_local]
+            local_mask = _heads_of(mask, 0, n_local)
             out_local, cache["local"] = local_attention_forward(
                 q[:, :n_local], k[:, :n_local], v[:, :n_local], window=window, causal=causal,
                 mask=local_mask, scale=self.scale, backend=self.backend,
@@ -794,7 +801,7 @@ class RoutingAttention:
 
         # Routing heads: online k-means clusters.
         if heads > n_local:
-            routing_mask = None if mask is None else mask[:, n_local:]
+            routing_mask = _heads_of(mask, n_local, heads)
             out_routing, cache["routing"] = routing_attention_forward(
                 q[:, n_local:], k[:, n_local:], v[:, n_local:], self.centroids, causal=causal,
                 mask=routing_mask, scale=self.scale, query_window=self.query_window,
@@ -803,8 +810,11 @@ class RoutingAttention:
             )  # (B, H - H_local, N, Dv)
             # Padding: a query that may attend no key, or a key no query may attend,
             # does not move the centroids.
-            cache["query_valid"] = None if routing_mask is None else routing_mask.any(axis=-1)
-            cache["key_valid"] = None if routing_mask is None else routing_mask.any(axis=-2)
+            cache["query_valid"], cache["key_valid"] = None, None
+            if routing_mask is not None:
+                routed_shape = (batch, heads - n_local)
+                cache["query_valid"] = np.broadcast_to(routing_mask.any(axis=-1), routed_shape + (n_queries,))
+                cache["key_valid"] = np.broadcast_to(routing_mask.any(axis=-2), routed_shape + (n_keys,))
             outputs.append(out_routing)
         return np.concatenate(outputs, axis=1), cache
 
@@ -871,8 +881,12 @@ class RoutingAttention:
             norm_caches = (q_norm_cache, k_norm_cache)
         valid = None
         if mask is not None:
-            full = np.broadcast_to(mask, q.shape[:3] + (k.shape[2],))[:, n_local:]
-            valid = [full.any(axis=-1)] + ([full.any(axis=-2)] if self.routing == "separate" else [])
+            check_mask(mask, q.shape[:3] + (k.shape[2],))
+            routed = _heads_of(mask.reshape((1,) * (4 - mask.ndim) + mask.shape), n_local, q.shape[1])
+            routed_shape = (q.shape[0], q.shape[1] - n_local)
+            valid = [np.broadcast_to(routed.any(axis=-1), routed_shape + (q.shape[2],))]
+            if self.routing == "separate":
+                valid.append(np.broadcast_to(routed.any(axis=-2), routed_shape + (k.shape[2],)))
             valid = np.concatenate(valid, axis=-1)
         items = [q_routed] + ([k_routed] if self.routing == "separate" else [])
         loss, loss_cache = commitment_loss_forward(

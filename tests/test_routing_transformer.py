@@ -430,6 +430,26 @@ def test_method_update_moves_centroids_towards_data(rng):
     assert loss_after < loss_before
 
 
+def test_method_update_skips_padded_keys(rng):
+    q, k, v = random_qkv(rng, 2, 2, 8, 8, 3)
+    mask = np.ones((2, 1, 1, 8), bool)
+    mask[0, ..., 5:] = False  # keys 5..7 of the first sequence are padding
+    method = make_method(rng=rng, n_clusters=2, decay=0.7)
+    _, cache = method.forward(q, k, v, mask=mask)
+    start = method.centroids.copy()
+    new = method.update_centroids(cache)
+    routing = cache["routing"]
+    valid = np.concatenate([np.ones((2, 2, 8), bool), np.broadcast_to(mask[:, :, 0], (2, 2, 8))], axis=-1)
+    expected = update_centroids(
+        start,
+        np.concatenate([q, k], axis=2),
+        np.concatenate([routing["query_assignment"], routing["key_assignment"]], axis=-1),
+        decay=0.7,
+        valid=valid,
+    )
+    np.testing.assert_allclose(new, expected, rtol=0, atol=1e-14)
+
+
 def test_shared_routing_updates_with_queries_only(rng):
     q, k, v = random_qkv(rng, 1, 1, 8, 8, 3)
     method = make_method(rng=rng, n_clusters=2, routing="shared", decay=0.8)
