@@ -23,9 +23,9 @@ score go to the lower position. With routing="shared" (self-attention,
 N == M) one index set per cluster, chosen by the query scores, serves as
 both Q_c and K_c; routing="separate" chooses Q_c and K_c independently.
 
-Attention inside cluster c, with the keys of Q_c and K_c kept in position
-order and a causal mask by original positions, not by the order inside the
-cluster (query at position p may attend key j when j <= p + M - N):
+Attention inside cluster c, with Q_c and K_c kept in position order and a
+causal mask by original positions, not by the order inside the cluster
+(query i may attend key j when j <= i + M - N):
 
     O_c = softmax(q[Q_c] k[K_c]^T / sqrt(D), allowed_c) v[K_c]     (Wq, Dv)
 
@@ -61,8 +61,10 @@ pulls q and k towards their centroids is the commitment loss
 
 (SG: the centroid is a constant), which the training loss adds.
 
-Local heads. As in the paper, some heads can attend a sliding window of W
-keys instead of routing: causal heads see positions p - W + 1 .. p, and
+Local heads. As in the official implementation, which runs local_num_heads
+local heads beside sparsity_cluster_num_heads routing heads, some heads can
+attend a sliding window of W keys instead of routing. With query i at
+position p = i + M - N, causal heads see positions p - W + 1 .. p, and
 bidirectional heads see W positions centred on p.
 
 Backward. Assignments, index sets and the mean divisor n_i are constants:

@@ -24,7 +24,13 @@ from miniattn.routing_transformer import (
     unit_rows,
     update_centroids,
 )
-from miniattn.transformer import attention_backward, attention_forward
+from miniattn.transformer import (
+    attention_backward,
+    attention_forward,
+    init_mha_params,
+    mha_backward,
+    mha_forward,
+)
 
 GRAD_TOL = 1e-6  # float64 central differences
 EXACT_TOL = 1e-12
@@ -656,6 +662,21 @@ def test_registry_builds_the_method(rng):
     method = methods.make_method("routing_transformer", rng=rng, n_clusters=2)
     assert isinstance(method, RoutingAttention)
     assert method.name == "routing_transformer"
+
+
+def test_multi_head_layer_with_one_cluster_equals_dense(rng):
+    x = rng.standard_normal((2, 7, 12))
+    params = init_mha_params(12, 3, rng)
+    method = make_method(rng=rng, n_clusters=1, local_heads=1, key_window=7)
+    y, cache = mha_forward(x, x, params, n_heads=3, causal=True, attention=method)
+    y_dense, cache_dense = mha_forward(x, x, params, n_heads=3, causal=True)
+    np.testing.assert_allclose(y, y_dense, rtol=0, atol=EXACT_TOL)
+    dy = rng.standard_normal(y.shape)
+    dx_q, dx_kv, dparams = mha_backward(dy, cache)
+    dx_q_dense, dx_kv_dense, dparams_dense = mha_backward(dy, cache_dense)
+    np.testing.assert_allclose(dx_q + dx_kv, dx_q_dense + dx_kv_dense, rtol=0, atol=EXACT_TOL)
+    for name in dparams:
+        np.testing.assert_allclose(dparams[name], dparams_dense[name], rtol=0, atol=EXACT_TOL)
 
 
 @pytest.mark.parametrize("n_clusters", [0, -1])
