@@ -313,8 +313,8 @@ def routing_attention_forward(
     - normalize_qk: layer-normalise q and k (no scale or shift) and attend the
       normalised vectors, as the official implementation does
     - query_index, key_index: frozen index sets (B, H, Kc, Wq) and
-      (B, H, Kc, Wk), positions strictly increasing in each cluster; when
-      given, the routing is not recomputed (gradient checks use this)
+      (B, H, Kc, Wk), positions strictly increasing in each cluster. When
+      they are given, the routing is not recomputed, which gradient checks need.
     - backend: kernel backend for the gathers and scatters
 
     Returns (out, cache):
@@ -739,6 +739,7 @@ class RoutingAttention:
         check_real("beta", beta, minimum=0.0)
         if scale is not None:
             check_real("scale", scale)
+
         self.n_clusters = n_clusters
         self.centroids = None if centroids is None else np.array(centroids, copy=True)
         self.query_window = query_window
