@@ -375,6 +375,9 @@ def routing_attention_forward(
     key_scores = routing_scores(k_unit, centroids)  # (B, H, M, Kc)
     query_assignment = np.argmax(query_scores, axis=-1)  # (B, H, N)
     key_assignment = np.argmax(key_scores, axis=-1)  # (B, H, M)
+    # NOTE: the top-Wq/Wk choice ranks the whole sequence, so with causal=True a
+    # later token can still push an earlier one out of a cluster. Outputs are
+    # causal given the routing, not through it (the official code does the same).
     if query_index is None:
         query_index, key_index = route(
             query_scores, key_scores, query_window=query_window, key_window=key_window, routing=routing
