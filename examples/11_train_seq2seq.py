@@ -1,9 +1,9 @@
 """Train an encoder-decoder Transformer to reverse sequences, then read its cross-attention.
 
 The task: given source tokens s_0 .. s_{L-1}, output s_{L-1} .. s_0. Output
-position t must copy source position L - 1 - t, so a model that has learned
-the task should put most of the cross-attention mass of row t on that mirrored
-source position: the attention map becomes an anti-diagonal.
+position t must copy source position L - 1 - t. A model that has learned the
+task should therefore put most of the cross-attention mass of row t on that
+mirrored source position, so the attention map becomes an anti-diagonal.
 
 Run it whole (python examples/11_train_seq2seq.py) or cell by cell in an
 editor that understands `# %%` cells. Every step prints what it computed and
@@ -80,7 +80,7 @@ print(f"token accuracy on 256 new sequences: {accuracy:.3f}")
 assert accuracy > 0.95
 
 # %% 5. The learned cross-attention: rows are output positions, columns source positions.
-# The map is averaged over the 256 sequences. Its anti-diagonal holds the
+# The map is averaged over the 256 sequences. Its anti-diagonal contains the
 # mass that each output position puts on its mirrored source position.
 cross = model.attention_probabilities(cache)["cross"][0]  # (B, H, L, L) of the one decoder layer
 mean_map = cross[:, 0].mean(axis=0)  # (L, L) head 0, averaged over the batch

@@ -46,7 +46,7 @@ MODEL_DEFAULTS = dict(
     dtype="float32",
 )
 
-# How a run is trained; these may change between runs of one checkpoint.
+# Settings of one training run, which may change between runs of one checkpoint.
 TRAIN_DEFAULTS = dict(batch_size=16, lr=3e-3, max_grad_norm=1.0, eval_every=50, eval_windows=64)
 
 
@@ -372,8 +372,8 @@ def normalise(value):
 def load_checkpoint(path, requested=None):
     """Load a checkpoint; return (model, config, vocabulary, optimizer, extra).
 
-    requested holds model settings the caller asked for; any that differ from
-    the checkpoint's raise ValueError naming each difference.
+    requested contains model settings the caller requested. Any that differ
+    from the checkpoint's raise ValueError, which names each difference.
     """
     config, vocabulary, params, optimizer_state, extra = read_checkpoint(path)
     differences = config_differences(config, requested or {})

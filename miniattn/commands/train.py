@@ -3,9 +3,9 @@
 The model is a decoder-only Transformer (``miniattn.nn.DecoderLM``) trained
 with Adam by miniattn's own backward passes, by default on the Python
 standard library's source files. Progress shows the training loss, tokens per
-second and the tracemalloc peak memory; every --eval-every steps the
-validation loss is printed beside the unigram baseline (the cross-entropy of
-character frequencies alone). The model is saved as a .npz checkpoint that
+second and the tracemalloc peak memory. Every --eval-every steps the command
+prints the validation loss beside the unigram baseline, the cross-entropy of
+character frequencies alone. The model is saved as a .npz checkpoint that
 ``python -m miniattn sample`` reads.
 
 With --compare A,B,... several methods are trained on the same budget and
@@ -92,16 +92,19 @@ def build_parser():
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, repeatable, e.g. --option window=16 (ints, floats, true/false, "
                              "none, comma lists, strings)")
+
     parser.add_argument("--compare", metavar="A,B,...", help="train each listed method on the same budget "
                         "and print a table; 'all' means every implemented method")
     parser.add_argument("--text", metavar="PATH", help="a UTF-8 text file (default: standard-library sources)")
     parser.add_argument("--context", type=int, help=f"characters per training sequence N (default {MODEL_DEFAULTS['context']})")
     parser.add_argument("--max-length", type=int, help="rows of the learned position table (default: the context); "
                         "longer tables are trained at random offsets")
+
     parser.add_argument("--width", type=int, help=f"model width C (default {MODEL_DEFAULTS['width']})")
     parser.add_argument("--heads", type=int, help=f"attention heads H (default {MODEL_DEFAULTS['n_heads']})")
     parser.add_argument("--layers", type=int, help=f"decoder blocks L (default {MODEL_DEFAULTS['n_layers']})")
     parser.add_argument("--dtype", choices=["float32", "float64"], help="parameter dtype (default float32)")
+
     parser.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS} unless --time-budget is given)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this many seconds of training")
     parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"],
@@ -110,6 +113,7 @@ def build_parser():
     parser.add_argument("--eval-every", type=int, default=TRAIN_DEFAULTS["eval_every"],
                         help=f"steps between validations (default {TRAIN_DEFAULTS['eval_every']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and the batches (default 0)")
+
     parser.add_argument("--save", metavar="PATH", help="checkpoint file to write (default: "
                         "$MINIATTN_CACHE or ~/.cache/miniattn, train-METHOD.npz)")
     parser.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
@@ -213,6 +217,7 @@ def run_compare(parser, args, settings, steps, time_budget):
         parser.error("--compare trains fresh models; drop --resume and --attention")
     if args.option:
         parser.error("--compare uses each method's default options for the context; drop --option")
+
     context = settings.get("context", MODEL_DEFAULTS["context"])
     corpus = load_corpus(args.text, context)
     results, histories = [], {}
@@ -230,6 +235,7 @@ def run_compare(parser, args, settings, steps, time_budget):
             "tokens_per_s": last["tokens_per_s"], "peak_bytes": last["peak_bytes"],
             "validation_loss": last["validation_loss"], "unigram_loss": corpus.unigram_loss,
         })
+
     print()
     print(f"{corpus.description}, unigram baseline {corpus.unigram_loss:.3f} nats/char")
     table = []
@@ -247,6 +253,7 @@ def run_compare(parser, args, settings, steps, time_budget):
             "vs unigram": versus_unigram(row["validation_loss"], row["unigram_loss"]),
         })
     print(format_table(table, ["method", "steps", "time", "tok/s", "peak memory", "validation loss", "vs unigram"]))
+
     write_json(args.json, {"results": results, "histories": histories, "machine": machine_description()})
     if args.plot:
         report_plots(plots.loss_curves(histories, args.plot, corpus.unigram_loss))
