@@ -42,6 +42,7 @@ TRAIN_CONTEXT = 64
 MIN_POSITIONS = 1024
 TRAIN_STEPS = 600
 TRAIN_SECONDS = 60.0
+WEAK_MODEL_RATIO = 0.9  # a validation loss above this share of the unigram baseline earns a note
 
 
 def draw_keys(seen_row, width=STRIP_WIDTH):
@@ -141,6 +142,12 @@ def tour_model(args):
     save_checkpoint(path, model, config, corpus.vocabulary, optimizer,
                     extra={"validation_loss": last["validation_loss"], "unigram_loss": corpus.unigram_loss})
     print(f"saved the tour's language model to {path}")
+    if last["validation_loss"] > WEAK_MODEL_RATIO * corpus.unigram_loss:
+        print(
+            f"note: after {last['step']} steps the validation loss {last['validation_loss']:.3f} is close to the unigram "
+            f"baseline {corpus.unigram_loss:.3f}, so attention is still nearly untrained; on a busy machine try "
+            f"OPENBLAS_NUM_THREADS=1, or a longer --train-time with --retrain"
+        )
     return model, config, corpus
 
 
