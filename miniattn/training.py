@@ -84,17 +84,22 @@ def parse_value(raw):
     return raw
 
 
-def context_options(name, context, options):
-    """Return the method options for a context of N characters, filling short-context defaults.
+def context_options(name, context, options, heads=MODEL_DEFAULTS["n_heads"]):
+    """Return the method options for a context of N characters and H heads, filling defaults.
 
     The library defaults of some methods assume thousands of positions, so at a
     short context their pattern would cover every key and they would equal dense
-    attention. Options the user set are kept as given.
+    attention. The Routing Transformer mixes local-window heads with routing
+    heads, as its authors' language models do, and routes into 4 clusters of
+    about N / 4 keys. Options the user set are kept as given.
     """
     chosen = {}
+    if name == "routing_transformer":
+        chosen["n_clusters"] = 4
+        chosen["local_heads"] = heads // 2
     if name == "longformer":
         chosen["window"] = max(1, context // 4)  # one-sided: a quarter of the context
-    elif name == "bigbird":
+    if name == "bigbird":
         chosen["block_size"] = max(1, context // 8)
     elif name == "ring_attention":
         chosen["block_size"] = max(1, context // 4)
@@ -114,14 +119,14 @@ def check_method_name(name):
         raise ValueError(f"attention method {name!r} is registered but not implemented yet; pick another")
 
 
-def check_causal_method(name, options, context, dtype):
+def check_causal_method(name, options, context, dtype, heads=1):
     """Run the method once causally on a tiny input; raise ValueError saying why it cannot train the LM."""
     check_method_name(name)
     try:
         method = make_method(name, rng=np.random.default_rng(0), **options)
     except TypeError as error:
         raise ValueError(f"invalid options {options} for attention method {name!r}: {error}") from None
-    q = np.random.default_rng(0).standard_normal((1, 1, context, 4)).astype(dtype)  # (1, 1, N, 4)
+    q = np.random.default_rng(0).standard_normal((1, heads, context, 4)).astype(dtype)  # (1, H, N, 4)
     try:
         method.forward(q, q, q, causal=True)
     except ValueError as error:
@@ -191,7 +196,7 @@ def model_config(vocab_size, **settings):
 def build_model(config, seed=0):
     """Build a DecoderLM from a configuration made by model_config."""
     dtype = np.dtype(config["dtype"])
-    check_causal_method(config["attention"], config["attention_options"], config["context"], dtype)
+    check_causal_method(config["attention"], config["attention_options"], config["context"], dtype, config["n_heads"])
     return DecoderLM(
         config["vocab_size"],
         config["max_length"],
@@ -227,6 +232,21 @@ def evaluate(model, inputs, targets, batch_size):
         total += loss * len(inputs[first : first + batch_size])
     model.train(was_training)
     return total / len(inputs)
+
+
+def update_attention_state(model, cache):
+    """Let each block's attention method learn from its last forward (online k-means centroids).
+
+    Methods with a state trained outside gradient descent offer
+    update_centroids(attention_cache), and every other method is left alone.
+    A routing method whose heads are all local has no centroids to move.
+    """
+    for block, block_cache in zip(model.blocks, cache["blocks"]):
+        attention = block.self_attention.attention
+        all_local = getattr(attention, "local_heads", 0) >= block.self_attention.n_heads
+        if callable(getattr(attention, "update_centroids", None)) and not all_local:
+            mha_cache = block_cache["self_attention"][1]  # (norm, attention, dropout) caches of the sublayer
+            attention.update_centroids(mha_cache[5])  # the attention method's own cache
 
 
 def train(model, corpus, context, *, steps=None, time_budget=None, optimizer=None, seed=0, callback=None, **settings):
@@ -274,6 +294,7 @@ def train(model, corpus, context, *, steps=None, time_budget=None, optimizer=Non
             model.backward(cross_entropy_backward(1.0, loss_cache), cache)
             clip_grad_norm(grads, settings["max_grad_norm"])
             optimizer.step(params, grads)
+            update_attention_state(model, cache)
             step += 1
 
             # 3. Report the step, and validate now and then and at the end.

@@ -121,7 +121,7 @@ def test_parse_option_rejects_bad_format(text):
 def test_every_causal_method_takes_a_training_step(text_file):
     corpus = training.load_corpus(text_file, 16)
     for name in [method for method in training.method_names() if is_implemented(method)]:
-        options = training.context_options(name, 16, {})
+        options = training.context_options(name, 16, {}, heads=2)
         try:
             model, _ = tiny_model(corpus, attention=name, attention_options=options)
         except ValueError as error:
@@ -129,6 +129,19 @@ def test_every_causal_method_takes_a_training_step(text_file):
             continue
         history, _ = training.train(model, corpus, 16, steps=1, batch_size=2)
         assert np.isfinite(history[-1]["validation_loss"]), name
+
+
+@pytest.mark.skipif(not is_implemented("routing_transformer"), reason="the Routing Transformer is not merged")
+def test_training_moves_routing_centroids(text_file):
+    corpus = training.load_corpus(text_file, 16)
+    options = training.context_options("routing_transformer", 16, {}, heads=2)
+    model, _ = tiny_model(corpus, attention="routing_transformer", attention_options=options)
+    attention = model.blocks[0].self_attention.attention
+    training.train(model, corpus, 16, steps=1, batch_size=2)
+    first = attention.centroids.copy()
+    training.train(model, corpus, 16, steps=2, batch_size=2)
+    assert options["local_heads"] == 1
+    assert not np.allclose(first, attention.centroids)
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ..training import (
     train,
 )
 
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 800
 BAR_WIDTH = 24
 
 
@@ -168,7 +168,9 @@ def train_one(args, settings, steps, time_budget, corpus=None, label=None):
         context = settings.get("context", MODEL_DEFAULTS["context"])
         name = settings.get("attention", MODEL_DEFAULTS["attention"])
         check_method_name(name)
-        settings = dict(settings, attention_options=context_options(name, context, settings.get("attention_options", {})))
+        heads = settings.get("n_heads", MODEL_DEFAULTS["n_heads"])
+        options = context_options(name, context, settings.get("attention_options", {}), heads)
+        settings = dict(settings, attention_options=options)
         corpus = load_corpus(args.text, context) if corpus is None else corpus
         config = model_config(len(corpus.vocabulary), **settings)
         model = build_model(config, seed=args.seed)
