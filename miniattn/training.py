@@ -12,8 +12,10 @@ where s is 0 when the position table has exactly N rows, and a random start
 in [0, max_length - N] otherwise, so that every learned position is trained
 even though each window is short.
 
-A checkpoint is one ``.npz`` file holding the parameters (``param/NAME``),
-the Adam state (``optimizer/KEY``), the model configuration as JSON and the
+A checkpoint is one ``.npz`` file with the parameters (``param/NAME``), the
+Adam state (``optimizer/KEY``), the attention methods' own arrays
+(``attention/blocks.I/ATTRIBUTE``: random features, rotations, centroids,
+relative-position weights), the model configuration as JSON and the
 vocabulary, so it can be loaded without the text it was trained on.
 """
 
@@ -292,8 +294,10 @@ def train(model, corpus, context, *, steps=None, time_budget=None, optimizer=Non
             loss, loss_cache = cross_entropy_forward(logits, windows[:, 1:])
             model.zero_grad()
             model.backward(cross_entropy_backward(1.0, loss_cache), cache)
-            clip_grad_norm(grads, settings["max_grad_norm"])
-            optimizer.step(params, grads)
+            method_params, method_grads = attention_parameters(model)
+            all_params, all_grads = dict(params, **method_params), dict(grads, **method_grads)
+            clip_grad_norm(all_grads, settings["max_grad_norm"])
+            optimizer.step(all_params, all_grads)
             update_attention_state(model, cache)
             step += 1
 
@@ -330,6 +334,80 @@ def cache_dir():
     return pathlib.Path(os.environ.get("MINIATTN_CACHE") or pathlib.Path.home() / ".cache" / "miniattn")
 
 
+def method_parameter_sets(attention):
+    """Yield (label, dict of arrays) for the parameter sets an attention method keeps in ``params``.
+
+    Transformer-XL's relative attention keeps u, v and W_r per (H, D) shape
+    in ``params``; the label is "HxD". A flat dict of arrays gets the label "".
+    """
+    params = getattr(attention, "params", None)
+    if not isinstance(params, dict):
+        return
+    if all(isinstance(value, np.ndarray) for value in params.values()):
+        yield "", params
+        return
+    for key, arrays in params.items():
+        if isinstance(arrays, dict) and isinstance(key, tuple):
+            yield "x".join(str(part) for part in key), arrays
+
+
+def attention_state(model):
+    """Return the arrays each block's attention method keeps: "blocks.I/NAME" -> array.
+
+    Those are the attributes that are arrays (random features, rotations,
+    centroids) and the parameter sets in ``params`` ("blocks.I/params.HxD.u").
+    """
+    state = {}
+    for index, block in enumerate(model.blocks):
+        attention = block.self_attention.attention
+        for attribute, value in vars(attention).items():
+            if isinstance(value, np.ndarray):
+                state[f"blocks.{index}/{attribute}"] = value
+        for label, arrays in method_parameter_sets(attention):
+            for name, array in arrays.items():
+                state[f"blocks.{index}/params.{label}.{name}"] = array
+    return state
+
+
+def load_attention_state(model, state):
+    """Put arrays saved by attention_state back into the blocks' attention methods."""
+    for key, value in state.items():
+        block_name, _, attribute = key.partition("/")
+        attention = model.blocks[int(block_name.split(".")[1])].self_attention.attention
+        if not attribute.startswith("params."):
+            setattr(attention, attribute, value)
+            continue
+        label, _, name = attribute[len("params."):].rpartition(".")
+        if label:
+            shape_key = tuple(int(part) for part in label.split("x"))
+            attention.params.setdefault(shape_key, {})[name] = value
+        else:
+            attention.params[name] = value
+
+
+def attention_parameters(model):
+    """Return (params, grads): the arrays attention methods learn with their own backward.
+
+    After a backward, Transformer-XL's relative attention leaves the gradients
+    of its u, v and W_r in ``grads``; they join the model's parameters here
+    under "attention.blocks.I.NAME" so that Adam trains them too.
+    """
+    params, grads = {}, {}
+    for index, block in enumerate(model.blocks):
+        attention = block.self_attention.attention
+        method_grads = getattr(attention, "grads", None)
+        if not isinstance(method_grads, dict):
+            continue
+        for label, arrays in method_parameter_sets(attention):
+            if set(arrays) != set(method_grads):
+                continue
+            for name, grad in method_grads.items():
+                if arrays[name].shape == grad.shape:
+                    params[f"attention.blocks.{index}.{label}.{name}"] = arrays[name]
+                    grads[f"attention.blocks.{index}.{label}.{name}"] = grad
+    return params, grads
+
+
 def save_checkpoint(path, model, config, vocabulary, optimizer=None, extra=None):
     """Write parameters, optimizer state, configuration and vocabulary to one .npz file."""
     path = pathlib.Path(path)
@@ -337,6 +415,7 @@ def save_checkpoint(path, model, config, vocabulary, optimizer=None, extra=None)
     arrays = {f"param/{name}": value for name, value in model.state_dict().items()}
     if optimizer is not None:
         arrays.update({f"optimizer/{key}": value for key, value in optimizer.state_dict().items()})
+    arrays.update({f"attention/{key}": value for key, value in attention_state(model).items()})
     arrays["config"] = np.array(json.dumps(config, sort_keys=True))
     arrays["vocabulary"] = np.array(vocabulary.characters)
     arrays["format"] = np.array(CHECKPOINT_FORMAT)
@@ -348,7 +427,7 @@ def save_checkpoint(path, model, config, vocabulary, optimizer=None, extra=None)
 
 
 def read_checkpoint(path):
-    """Read a checkpoint file; return (config, vocabulary, params, optimizer_state, extra)."""
+    """Read a checkpoint file; return (config, vocabulary, params, optimizer_state, attention, extra)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -368,8 +447,9 @@ def read_checkpoint(path):
     vocabulary = CharVocabulary(str(arrays["vocabulary"]))
     params = {key[len("param/"):]: value for key, value in arrays.items() if key.startswith("param/")}
     optimizer_state = {key[len("optimizer/"):]: value for key, value in arrays.items() if key.startswith("optimizer/")}
+    attention = {key[len("attention/"):]: value for key, value in arrays.items() if key.startswith("attention/")}
     extra = json.loads(str(arrays["extra"])) if "extra" in arrays else {}
-    return config, vocabulary, params, optimizer_state, extra
+    return config, vocabulary, params, optimizer_state, attention, extra
 
 
 def config_differences(saved, requested):
@@ -396,7 +476,7 @@ def load_checkpoint(path, requested=None):
     requested contains model settings the caller requested. Any that differ
     from the checkpoint's raise ValueError, which names each difference.
     """
-    config, vocabulary, params, optimizer_state, extra = read_checkpoint(path)
+    config, vocabulary, params, optimizer_state, attention, extra = read_checkpoint(path)
     differences = config_differences(config, requested or {})
     if differences:
         raise ValueError(
@@ -408,6 +488,7 @@ def load_checkpoint(path, requested=None):
         model.load_state_dict(params)
     except ValueError as error:
         raise ValueError(f"checkpoint {str(path)!r} does not match its own configuration: {error}") from None
+    load_attention_state(model, attention)
     optimizer = None
     if optimizer_state:
         optimizer = Adam(TRAIN_DEFAULTS["lr"])

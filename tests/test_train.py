@@ -29,9 +29,9 @@ def text_file(tmp_path):
     return path
 
 
-def tiny_model(corpus, **settings):
+def tiny_model(corpus, seed=0, **settings):
     config = training.model_config(len(corpus.vocabulary), **dict(TINY_SETTINGS, **settings))
-    return training.build_model(config, seed=0), config
+    return training.build_model(config, seed=seed), config
 
 
 # --- the training loop -------------------------------------------------------------------
@@ -144,6 +144,19 @@ def test_training_moves_routing_centroids(text_file):
     assert not np.allclose(first, attention.centroids)
 
 
+def test_training_learns_relative_position_weights(text_file):
+    corpus = training.load_corpus(text_file, 16)
+    model, _ = tiny_model(corpus, attention="transformer_xl")
+    training.train(model, corpus, 16, steps=1, batch_size=2)
+    params, grads = training.attention_parameters(model)
+    assert sorted(name.rsplit(".", 1)[1] for name in params) == ["W_r", "u", "v_bias"]  # one block
+    assert grads.keys() == params.keys()
+    before = {name: value.copy() for name, value in params.items()}
+    training.train(model, corpus, 16, steps=2, batch_size=2)
+    for name, value in training.attention_parameters(model)[0].items():
+        assert not np.array_equal(before[name], value), name
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 
@@ -158,6 +171,26 @@ def test_checkpoint_round_trip(tmp_path, text_file):
     assert vocabulary.characters == corpus.vocabulary.characters
     assert loaded_optimizer.step_count == 2
     np.testing.assert_array_equal(model.forward(ids)[0], loaded.forward(ids)[0])
+
+
+def test_checkpoint_keeps_attention_state(tmp_path, text_file):
+    corpus = training.load_corpus(text_file, 16)
+    for name in [method for method in training.method_names() if is_implemented(method)]:
+        options = training.context_options(name, 16, {}, heads=2)
+        try:
+            # Seed 5, not the seed 0 of loading, so that random state is only equal if it was saved.
+            model, config = tiny_model(corpus, seed=5, attention=name, attention_options=options)
+        except ValueError:
+            continue  # a bidirectional-only method
+        training.train(model, corpus, 16, steps=2, batch_size=2)
+        path = training.save_checkpoint(tmp_path / f"{name}.npz", model, config, corpus.vocabulary)
+        loaded = training.load_checkpoint(path)[0]
+        ids = corpus.validation_ids[:32].reshape(2, 16)
+        np.testing.assert_array_equal(model.forward(ids)[0], loaded.forward(ids)[0], err_msg=name)
+        saved_state, loaded_state = training.attention_state(model), training.attention_state(loaded)
+        assert saved_state.keys() == loaded_state.keys(), name
+        for key, value in saved_state.items():
+            np.testing.assert_array_equal(value, loaded_state[key], err_msg=f"{name} {key}")
 
 
 def test_checkpoint_other_configuration_fails(tmp_path, text_file):
