@@ -326,6 +326,35 @@ def train(model, corpus, context, *, steps=None, time_budget=None, optimizer=Non
     return history, optimizer
 
 
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def generate_text(model, vocabulary, prompt, length, context, *, rng, temperature=1.0):
+    """Continue prompt by `length` sampled characters; return the prompt and its continuation.
+
+    Every step runs the model on a full window of `context` characters, the
+    shape it was trained on, because some methods need a minimum length (a
+    window, clusters or ring workers per key). A prompt shorter than the window
+    is padded on the left with newlines (or the first character of the
+    vocabulary when the text had no newline).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} is invalid; expected a positive number")
+    filler = "\n" if "\n" in vocabulary.index else vocabulary.characters[0]
+    ids = vocabulary.encode(filler * max(0, context - len(prompt)) + prompt)  # (P,)
+    first_new = len(ids)
+    was_training = model.training
+    model.eval()
+    for _ in range(length):
+        logits, _ = model.forward(ids[None, -context:])  # (1, N, V)
+        scores = logits[0, -1].astype(np.float64) / temperature  # (V,)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        ids = np.append(ids, rng.choice(len(probs), p=probs))
+    model.train(was_training)
+    return prompt + vocabulary.decode(ids[first_new:])
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 

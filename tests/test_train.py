@@ -157,6 +157,20 @@ def test_training_learns_relative_position_weights(text_file):
         assert not np.array_equal(before[name], value), name
 
 
+def test_generate_text_with_every_method(text_file):
+    corpus = training.load_corpus(text_file, 16)
+    for name in [method for method in training.method_names() if is_implemented(method)]:
+        options = training.context_options(name, 16, {}, heads=2)
+        try:
+            model, _ = tiny_model(corpus, attention=name, attention_options=options)
+        except ValueError:
+            continue  # a bidirectional-only method
+        text = training.generate_text(model, corpus.vocabulary, "d", 5, 16, rng=np.random.default_rng(0))
+        assert text.startswith("d"), name
+        assert len(text) == 6, name
+        assert set(text) <= set(corpus.vocabulary.characters), name
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from ..training import load_checkpoint
+from ..training import generate_text, load_checkpoint
 
 
 def main(argv):
@@ -24,11 +24,14 @@ def main(argv):
         parser.error("--prompt is empty; give at least one character to continue")
     try:
         model, config, vocabulary, _, _ = load_checkpoint(args.checkpoint)
-        prompt_ids = vocabulary.encode(args.prompt)[None]  # (1, P)
+        vocabulary.encode(args.prompt)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    ids = model.generate(prompt_ids, args.length, rng=np.random.default_rng(args.seed), temperature=args.temperature)
+    text = generate_text(
+        model, vocabulary, args.prompt, args.length, config["context"],
+        rng=np.random.default_rng(args.seed), temperature=args.temperature,
+    )
     print(f"# {config['attention']} model, {len(vocabulary)} characters, temperature {args.temperature}")
-    print(vocabulary.decode(ids[0]))
+    print(text)
     return 0
