@@ -136,5 +136,5 @@ def test_step_rejects_mismatched_dicts(rng):
         SGD(0.1).step(params, {"w": np.zeros(2)})
     optimizer = Adam()
     optimizer.step(params, {"w": np.zeros((2, 2))})
-    with pytest.raises(ValueError, match="optimizer state holds"):
+    with pytest.raises(ValueError, match="optimizer state has shape"):
         optimizer.step({"w": np.zeros(3)}, {"w": np.zeros(3)})

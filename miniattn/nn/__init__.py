@@ -1,7 +1,7 @@
 """Layers, losses, models and optimizers that models are assembled from.
 
-``functional`` holds the forward/backward pairs; the classes wrap them and
-own their parameters (see ``module`` for the parameter convention).
+``functional`` contains the forward/backward pairs. The classes wrap them and
+own their parameters, as ``module`` describes.
 """
 
 from .blocks import DecoderLayer, EncoderLayer

@@ -10,7 +10,7 @@ residual connection with layer normalisation, in one of two orders:
     pre-LN (GPT-2 and later):  y = x + Dropout(Sublayer(LayerNorm(x)))
 
 Pre-LN leaves the residual path free of normalisation, which trains deep
-stacks without warm-up; a model built from pre-LN layers adds one final
+stacks without warm-up. A model built from pre-LN layers adds one final
 LayerNorm after the stack. The backward of the residual is a fork: the
 gradient reaching y flows both into the sublayer and straight into x, and
 the two parts add.
@@ -98,7 +98,7 @@ def feed_forward_backward(feed_forward):
 class TransformerLayer(Module):
     """Shared constructor checks and settings of EncoderLayer and DecoderLayer."""
 
-    def __init__(self, width, n_heads, ff_width, *, pre_ln, dropout, rng, dtype):
+    def __init__(self, width, n_heads, *, pre_ln, dropout, rng, dtype):
         super().__init__()
         check_int("width", width, minimum=1)
         check_int("n_heads", n_heads, minimum=1)
@@ -136,7 +136,7 @@ class EncoderLayer(TransformerLayer):
         dtype=np.float64,
     ):
         rng = default_rng(rng)
-        super().__init__(width, n_heads, ff_width, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
+        super().__init__(width, n_heads, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
         attention = resolve_attention(attention, rng, attention_options)
         self.self_attention = self.add_module(
             "self_attention", MultiHeadAttention(width, n_heads, attention=attention, rng=rng, dtype=dtype)
@@ -203,7 +203,7 @@ class DecoderLayer(TransformerLayer):
         dtype=np.float64,
     ):
         rng = default_rng(rng)
-        super().__init__(width, n_heads, ff_width, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
+        super().__init__(width, n_heads, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
         attention = resolve_attention(attention, rng, attention_options)
         self.self_attention = self.add_module(
             "self_attention", MultiHeadAttention(width, n_heads, attention=attention, rng=rng, dtype=dtype)
@@ -287,5 +287,5 @@ class DecoderLayer(TransformerLayer):
         return dx, dmemory
 
     def self_attention_input(self, x):
-        """Return what the self-attention sees for input x: LayerNorm(x) for pre-LN, else x."""
+        """Return the input of the self-attention for layer input x: LayerNorm(x) for pre-LN, else x."""
         return self.norm1.forward(x)[0] if self.pre_ln else x
