@@ -62,14 +62,19 @@ def residual_backward(dy, cache, norm, dropout, pre_ln, sublayer_backward):
     norm_cache, sublayer_cache, dropout_cache = cache
     if pre_ln:
         # 4. y = x + out: a fork, dy reaches x directly and through the sublayer.
+        # 3. Dropout.
         dout = dropout.backward(dy, dropout_cache)
+        # 2. Sublayer.
         dz, extra = sublayer_backward(dout, sublayer_cache)
+        # 1. z = norm(x), added to the direct path.
         dx = dy + norm.backward(dz, norm_cache)
     else:
         # 4. y = norm(x + out)
         dsum = norm.backward(dy, norm_cache)
         # 3. x + out: a fork, dsum reaches x directly and through the sublayer.
+        # 2. Dropout.
         dout = dropout.backward(dsum, dropout_cache)
+        # 1. Sublayer, added to the direct path.
         dz, extra = sublayer_backward(dout, sublayer_cache)
         dx = dsum + dz
     return dx, extra
@@ -211,8 +216,8 @@ class DecoderLayer(TransformerLayer):
         self.norm1 = self.add_module("norm1", LayerNorm(width, dtype=dtype))
         self.has_cross_attention = cross_attention
         if cross_attention:
-            # Cross-attention is always dense: N target queries on M source keys,
-            # neither causal nor long, so the efficient methods have nothing to save.
+            # NOTE: cross-attention always uses dense attention. The attention
+            # argument chooses the method of the self-attention only.
             self.cross_attention = self.add_module(
                 "cross_attention",
                 MultiHeadAttention(width, n_heads, kv_width=memory_width, rng=rng, dtype=dtype),

@@ -18,8 +18,8 @@ def gradcheck_module(module, forward, backward, inputs=(), *, input_names=None, 
     Inputs:
     - module: a float64 Module
     - forward: callable(*inputs) -> (out, cache) that calls the module
-    - backward: callable(dout, cache) -> one gradient per input (may be an
-      empty tuple when every input is an integer array closed over)
+    - backward: callable(dout, cache) -> one gradient per input; with no float
+      inputs (token ids closed over, say) it may return () or None
     - inputs: float64 arrays, the differentiable inputs
     - input_names: names for the inputs in the report
     - parameter_names: flat parameter names to check; all of them by default
@@ -48,7 +48,9 @@ def gradcheck_module(module, forward, backward, inputs=(), *, input_names=None, 
     def backward_all(dout, cache):
         module.zero_grad()
         input_grads = backward(dout, cache)
-        if n_inputs == 1 and not isinstance(input_grads, (tuple, list)):
+        if input_grads is None:
+            input_grads = ()
+        elif n_inputs == 1 and not isinstance(input_grads, (tuple, list)):
             input_grads = (input_grads,)
         gradients = module.gradients()
         return tuple(input_grads) + tuple(gradients[name].copy() for name in names)
