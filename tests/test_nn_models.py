@@ -229,7 +229,7 @@ def test_decoder_lm_attention_inputs_and_generate(rng):
     ids = rng.integers(0, 6, (2, 5))
     q, k, v = model.attention_inputs(ids, 1)
     assert q.shape == k.shape == v.shape == (2, 2, 5, 4)
-    # Layer 0 sees LayerNorm(embeddings) in a pre-LN model.
+    # In a pre-LN model, layer 0 attends with LayerNorm(embeddings).
     q0, _, _ = model.attention_inputs(ids, 0)
     h, _ = model.embed(ids)
     z, _ = model.blocks[0].norm1.forward(h)
@@ -238,7 +238,8 @@ def test_decoder_lm_attention_inputs_and_generate(rng):
     out = model.generate(ids[:, :3], 10, rng=np.random.default_rng(0))
     assert out.shape == (2, 13)
     np.testing.assert_array_equal(out[:, :3], ids[:, :3])
-    assert out.min() >= 0 and out.max() < 6
+    assert out.min() >= 0
+    assert out.max() < 6
 
 
 def test_decoder_lm_passes_attention_options_to_every_block(rng):
@@ -249,7 +250,7 @@ def test_decoder_lm_passes_attention_options_to_every_block(rng):
     assert not np.allclose(scaled.forward(ids)[0], default.forward(ids)[0])
 
 
-def test_decoder_lm_with_named_method_builds_one_object_per_block():
+def test_decoder_lm_method_name_per_block():
     model = tiny_lm(0, attention="transformer")
     first, second = (block.self_attention.attention for block in model.blocks)
     assert first is not second
