@@ -509,3 +509,14 @@ def test_dense_attention_reference_agrees_with_layer_probabilities(rng):
     q, k, v = layer.project(x_q, x_kv)
     _, dense_cache = attention_forward(q, k, v)
     np.testing.assert_allclose(layer.attention_probabilities(cache), dense_cache[3], rtol=1e-13)
+
+
+def test_check_all_layers_passes():
+    from miniattn.nn.checks import check_all_layers
+
+    results = check_all_layers(np.random.default_rng(4))
+    labels = [label for label, _ in results]
+    assert "Transformer loss (N=4, M=5, padding)" in labels
+    assert "DecoderLM loss" in labels
+    for label, result in results:
+        assert result.passed(TOL), f"{label}:\n{result}"

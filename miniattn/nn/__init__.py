@@ -5,7 +5,7 @@ own their parameters, as ``module`` describes.
 """
 
 from .blocks import DecoderLayer, EncoderLayer
-from .checks import gradcheck_module
+from .checks import check_all_layers, gradcheck_module
 from .layers import (
     CrossEntropyLoss,
     Dropout,
@@ -36,4 +36,5 @@ __all__ = [
     "Adam",
     "clip_grad_norm",
     "gradcheck_module",
+    "check_all_layers",
 ]
