@@ -100,9 +100,10 @@ report_check("Embedding (the backward is a scatter-add of rows)", result)
 # %% 2. Encoder self-attention: bidirectional, an M x M matrix with no zeros.
 memory, encoder_cache = model.encode(src)
 print(f"\nencoder output (the memory): {memory.shape} (B, M, C)")
-layer0 = model.encoder[0]
-attention_cache = encoder_cache["layers"][0]["self_attention"][1]
-probabilities = layer0.self_attention.attention_probabilities(attention_cache)  # (B, H, M, M)
+logits, decoder_cache = model.decode(tgt, memory)
+# The caches keep every attention matrix; this collects them per layer.
+maps = model.attention_probabilities((encoder_cache, decoder_cache))
+probabilities = maps["encoder_self"][0]  # (B, H, M, M)
 print(f"encoder self-attention probabilities: {probabilities.shape} (B, H, M, M)")
 show_matrix("layer 0, head 0 (rows: queries, columns: keys)", probabilities[0, 0], source_words, source_words)
 print(f"rows sum to 1: {np.allclose(probabilities.sum(axis=-1), 1.0)}")
@@ -117,11 +118,9 @@ result = gradcheck_module(
 report_check("EncoderLayer", result)
 
 # %% 3. Decoder masked self-attention: causal, so the N x N matrix is lower triangular.
-logits, decoder_cache = model.decode(tgt, memory)
-maps = model.attention_probabilities((encoder_cache, decoder_cache))
 decoder_self = maps["decoder_self"][0]  # (B, H, N, N)
 print(f"\ndecoder masked self-attention probabilities: {decoder_self.shape} (B, H, N, N)")
-show_matrix("layer 0, head 0: position i sees only positions j <= i", decoder_self[0, 0], decoder_words, decoder_words)
+show_matrix("layer 0, head 0: position i attends only to positions j <= i", decoder_self[0, 0], decoder_words, decoder_words)
 print(f"zero above the diagonal: {np.all(np.triu(decoder_self[0, 0], 1) == 0)}")
 
 decoder_layer = DecoderLayer(16, 2, 32, activation="gelu", rng=check_rng)
