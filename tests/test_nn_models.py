@@ -366,3 +366,17 @@ def test_models_reject_bad_options():
         DecoderLM(5, 8, width=8, n_heads=2, dtype=np.int32)
     with pytest.raises(ValueError, match="n_layers=0 is invalid"):
         DecoderLM(5, 8, width=8, n_heads=2, n_layers=0)
+
+
+def test_dropout_follows_train_and_eval(rng):
+    model = tiny_lm(0, dropout=0.5)
+    ids = rng.integers(0, 6, (2, 5))
+    first, _ = model.forward(ids)
+    second, _ = model.forward(ids)
+    assert not np.allclose(first, second)  # fresh masks in training mode
+    model.eval()
+    assert all(not module.training for _, module in model.named_modules())
+    evaluated, _ = model.forward(ids)
+    np.testing.assert_array_equal(model.forward(ids)[0], evaluated)
+    without_dropout, _ = tiny_lm(0).forward(ids)
+    np.testing.assert_allclose(evaluated, without_dropout, rtol=1e-13)
