@@ -93,7 +93,9 @@ def relu_backward(dy, cache):
     return dy * positive
 
 
-GELU_C = np.sqrt(2.0 / np.pi)
+# A Python float, not np.float64: under NumPy 2 promotion rules a float64 NumPy
+# scalar would turn float32 activations into float64.
+GELU_C = float(np.sqrt(2.0 / np.pi))
 
 
 def gelu_forward(x):
@@ -102,7 +104,8 @@ def gelu_forward(x):
     gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     Returns (y, cache).
     """
-    inner = GELU_C * (x + 0.044715 * x**3)
+    # x * x * x, not x**3: with NumPy 2.4, float32 x**3 of negative x measured about 60x slower.
+    inner = GELU_C * (x + 0.044715 * (x * x * x))
     tanh_inner = np.tanh(inner)
     return 0.5 * x * (1.0 + tanh_inner), (x, tanh_inner)
 
@@ -110,8 +113,8 @@ def gelu_forward(x):
 def gelu_backward(dy, cache):
     """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(inner)."""
     x, tanh_inner = cache
-    dinner = GELU_C * (1.0 + 3 * 0.044715 * x**2)
-    return dy * (0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner**2) * dinner)
+    dinner = GELU_C * (1.0 + 3 * 0.044715 * (x * x))
+    return dy * (0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * dinner)
 
 
 ACTIVATIONS = {"relu": (relu_forward, relu_backward), "gelu": (gelu_forward, gelu_backward)}
