@@ -18,7 +18,7 @@ For the pairs t listed for query i (j_t = indices[t]):
 
 A key listed c times for one query takes part c times, so it acts as a single
 key with logit bias log(sum of exp(bias) over its c entries), log c without a
-bias; ``csr_to_dense`` builds the dense mask and bias that say exactly this.
+bias. ``csr_to_dense`` builds the dense mask and bias that express this.
 A query with an empty list gets a zero output row, lse = -inf and zero
 gradients.
 
@@ -334,7 +334,7 @@ def sparse_attention_forward(q, k, v, indptr, indices, *, bias=None, scale=None,
 def sparse_attention_backward(dout, cache):
     """Backward of sparse_attention_forward: returns (dq, dk, dv).
 
-    The cache holds q, k, v and out as (E, ., .) arrays, the row log-sum-exp
+    The cache contains q, k, v and out as (E, ., .) arrays, the row log-sum-exp
     lse (E, N), the pattern, bias, scale, backend and leading shape. The
     probabilities are recomputed from lse rather than stored.
     """
