@@ -45,7 +45,7 @@ built, "numpy" otherwise; every entry point takes ``backend=``.
 import numpy as np
 
 from .kernels import resolve_backend
-from .validate import check_attention_inputs, check_float_array, check_int, check_real
+from .validate import check_attention_inputs, check_float_array, check_int, check_mask, check_real
 
 # Rows are processed in chunks of about this many (leading entry, pair) items
 # in the NumPy reference, which bounds the gathered (T, D) copies.
@@ -133,6 +133,35 @@ def csr_from_rows(rows, n_keys):
     np.cumsum([row.shape[0] for row in lists], out=indptr[1:])
     indices = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
     return check_csr(indptr, indices, len(lists), n_keys)
+
+
+def csr_from_candidates(columns, valid, *, unique=True):
+    """Return (indptr, indices) from candidate keys (N, K) and their validity (N, K).
+
+    Each row keeps its valid candidates, sorted. With unique=True a key that
+    appears several times in a row is kept once (the row lists a set of
+    keys); with unique=False every copy is kept and counts each time.
+    """
+    columns = np.asarray(columns, dtype=np.int64)
+    valid = np.asarray(valid, dtype=bool)
+    if columns.ndim != 2 or valid.shape != columns.shape:
+        raise ValueError(f"columns {columns.shape} and valid {valid.shape} must be two (N, K) arrays of one shape")
+    sentinel = np.iinfo(np.int64).max
+    ordered = np.sort(np.where(valid, columns, sentinel), axis=1)  # (N, K), invalid last
+    keep = ordered != sentinel  # (N, K)
+    if unique and ordered.shape[1] > 1:
+        keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    indptr = np.zeros(columns.shape[0] + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    return indptr, ordered[keep]
+
+
+def csr_select(indptr, indices, keep):
+    """Return (indptr, indices) of the pairs where keep (nnz,) is True, rows unchanged."""
+    rows = csr_entry_rows(indptr)  # (nnz,)
+    new_indptr = np.zeros_like(indptr)
+    np.cumsum(np.bincount(rows[keep], minlength=indptr.shape[0] - 1), out=new_indptr[1:])
+    return new_indptr, indices[keep]
 
 
 def csr_to_dense(indptr, indices, n_keys, bias=None):
@@ -352,3 +381,78 @@ def sparse_attention_backward(dout, cache):
         dk3.reshape(leading + k3.shape[1:]),
         dv3.reshape(leading + v3.shape[1:]),
     )
+
+
+# --- one pattern per head, optionally restricted by a mask ---------------------
+
+
+def multihead_sparse_forward(q, k, v, patterns, *, mask=None, scale=None, backend=None):
+    """Sparse attention with one CSR pattern per head, restricted by an optional mask.
+
+    Inputs:
+    - q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv)
+    - patterns: H patterns, one per head, each (indptr, indices) or
+      (indptr, indices, bias) as for sparse_attention_forward
+    - mask: optional bool array broadcastable to (B, H, N, M); a listed pair
+      (i, j) is dropped where mask[b, h, i, j] is False
+    - scale, backend: as for sparse_attention_forward
+
+    Heads run one at a time, each over the whole batch when the mask does not
+    vary with the batch entry, and one batch entry at a time when it does.
+    Returns (out (B, H, N, Dv), cache).
+    """
+    check_attention_inputs(q, k, v)
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {q.shape}; expected (B, H, N, D)")
+    batch, heads, n_queries, _ = q.shape
+    n_keys = k.shape[-2]
+    if len(patterns) != heads:
+        raise ValueError(f"got {len(patterns)} patterns for H = {heads} heads; expected one per head")
+    if mask is not None:
+        check_mask(mask, (batch, heads, n_queries, n_keys))
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+    out = np.zeros((batch, heads, n_queries, v.shape[-1]), dtype=q.dtype)  # (B, H, N, Dv)
+    parts = []
+    for head, pattern in enumerate(patterns):
+        indptr, indices, bias = (tuple(pattern) + (None,))[:3]
+        indptr, indices = check_csr(indptr, indices, n_queries, n_keys)
+        per_batch = mask is not None and mask.shape[0] > 1
+        batches = [slice(b, b + 1) for b in range(batch)] if per_batch else [slice(0, batch)]
+        for rows in batches:
+            sub_indptr, sub_indices, sub_bias = indptr, indices, bias
+            if mask is not None:
+                allowed = mask[rows.start if per_batch else 0, head if mask.shape[1] > 1 else 0]
+                allowed = np.broadcast_to(allowed, (n_queries, n_keys))  # (N, M)
+                keep = allowed[csr_entry_rows(indptr), indices]  # (nnz,)
+                sub_indptr, sub_indices = csr_select(indptr, indices, keep)
+                sub_bias = None if bias is None else np.asarray(bias)[keep]
+            out[rows, head], part = sparse_attention_forward(
+                q[rows, head], k[rows, head], v[rows, head], sub_indptr, sub_indices,
+                bias=sub_bias, scale=scale, backend=backend,
+            )
+            parts.append((rows, head, sub_indptr, sub_indices, part))
+    return out, (parts, q.shape, k.shape, v.shape)
+
+
+def multihead_sparse_backward(dout, cache):
+    """Backward of multihead_sparse_forward: returns (dq, dk, dv)."""
+    parts, q_shape, k_shape, v_shape = cache
+    dq = np.zeros(q_shape, dtype=dout.dtype)  # (B, H, N, D)
+    dk = np.zeros(k_shape, dtype=dout.dtype)  # (B, H, M, D)
+    dv = np.zeros(v_shape, dtype=dout.dtype)  # (B, H, M, Dv)
+    for rows, head, _, _, part in parts:
+        dq[rows, head], dk[rows, head], dv[rows, head] = sparse_attention_backward(
+            np.ascontiguousarray(dout[rows, head]), part
+        )
+    return dq, dk, dv
+
+
+def multihead_sparse_keys_seen(cache):
+    """Return the bool (B, H, N, M) keys each query attended in a multihead_sparse_forward call."""
+    parts, q_shape, k_shape, _ = cache
+    seen = np.zeros(q_shape[:3] + (k_shape[2],), dtype=bool)  # (B, H, N, M)
+    for rows, head, indptr, indices, _ in parts:
+        allowed, _ = csr_to_dense(indptr, indices, k_shape[2])
+        seen[rows, head] = allowed
+    return seen
