@@ -255,8 +255,9 @@ def block_counts(n_blocks, random_blocks=None, *, global_blocks=ITC_GLOBAL_BLOCK
     counts[:, global_blocks] = 1
     counts = np.broadcast_to(counts, lead + (n_blocks, n_blocks)).copy()  # (..., nb, nb)
 
-    flat_counts = counts.reshape(-1, n_blocks, n_blocks)
-    flat_random = random_blocks.reshape(-1, n_blocks, random_blocks.shape[-1])
+    n_patterns = int(np.prod(lead))  # 1 for a single head
+    flat_counts = counts.reshape(n_patterns, n_blocks, n_blocks)
+    flat_random = random_blocks.reshape(n_patterns, n_blocks, random_blocks.shape[-1])
     rows = np.setdiff1d(block, global_blocks)
     for counts_head, random_head in zip(flat_counts, flat_random):
         np.add.at(counts_head, (rows[:, None], random_head[rows]), 1)  # a block drawn twice counts twice
