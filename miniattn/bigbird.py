@@ -407,6 +407,7 @@ def attention_forward(
     causal=False,
     scale=None,
     backend=None,
+    patterns=None,
 ):
     """BigBird block-sparse self-attention of q, k, v (..., H, N, D).
 
@@ -421,6 +422,9 @@ def attention_forward(
       padding mask; a query whose pattern keeps no key gets a zero row
     - causal: must be False (BigBird is bidirectional)
     - scale: score scale, 1/sqrt(D) by default; backend: sparse kernel backend
+    - patterns: optional list of the H CSR patterns that ``bigbird_pattern``
+      makes for these random blocks and options, to skip rebuilding them
+      (the method object keeps them); they are trusted, not rebuilt to check
 
     When N <= (5 + 2R) b this call computes full dense attention instead
     (random_blocks and rng are then not used).
@@ -474,13 +478,16 @@ def attention_forward(
         )
 
     # 1. One CSR pattern per head (the random blocks differ between heads).
-    patterns = [
-        bigbird_pattern(
-            n, block_size, random_blocks[head], global_blocks=global_block_ids,
-            global_tokens=global_tokens, duplicates=duplicates,
-        )
-        for head in range(n_heads)
-    ]
+    if patterns is None:
+        patterns = [
+            bigbird_pattern(
+                n, block_size, random_blocks[head], global_blocks=global_block_ids,
+                global_tokens=global_tokens, duplicates=duplicates,
+            )
+            for head in range(n_heads)
+        ]
+    elif len(patterns) != n_heads:
+        raise ValueError(f"patterns has {len(patterns)} entries; expected one CSR pattern per head (H={n_heads})")
 
     # 2. Sparse attention per head; with a mask, per (batch..., head) slice on the kept entries.
     #    A slice is named by the prefix of its index: (..., head) or (b..., head).
@@ -542,7 +549,8 @@ class BigBirdAttention:
 
     The random adjacency of each (H, nb) is drawn from the kept generator on
     first use and reused by every later call of that shape, so the random
-    blocks are fixed per layer, as in the reference implementations.
+    blocks are fixed per layer, as in the reference implementations. The CSR
+    patterns of each (H, N) are built once and kept as well.
     """
 
     name = "bigbird"
@@ -574,6 +582,7 @@ class BigBirdAttention:
         self.scale = scale
         self.backend = backend
         self.adjacency = {}  # (H, nb) -> random_blocks (H, nb, R)
+        self.patterns = {}  # (H, N) -> list of H (indptr, indices) pairs
 
     def random_blocks_for(self, n_heads, n):
         """Return the kept adjacency for H heads and length N, drawing it on first use."""
@@ -584,16 +593,31 @@ class BigBirdAttention:
             )
         return self.adjacency[n_heads, n_blocks]
 
+    def patterns_for(self, n_heads, n):
+        """Return the kept CSR patterns of the H heads for length N, building them on first use."""
+        if (n_heads, n) not in self.patterns:
+            random_blocks = self.random_blocks_for(n_heads, n)
+            self.patterns[n_heads, n] = [
+                bigbird_pattern(
+                    n, self.block_size, random_blocks[head], global_blocks=self.global_blocks,
+                    global_tokens=self.global_tokens, duplicates=self.duplicates,
+                )
+                for head in range(n_heads)
+            ]
+        return self.patterns[n_heads, n]
+
     def forward(self, q, k, v, *, mask=None, causal=False):
         n = q.shape[-2]
-        random_blocks = None
-        if q.ndim >= 3 and n > fallback_length(self.block_size, self.num_random_blocks):
+        random_blocks = patterns = None
+        block_plan = n > fallback_length(self.block_size, self.num_random_blocks)
+        if block_plan and not causal and q.ndim >= 3 and k.shape[-2] == n:
             random_blocks = self.random_blocks_for(q.shape[-3], n)
+            patterns = self.patterns_for(q.shape[-3], n)
         return attention_forward(
             q, k, v, block_size=self.block_size, num_random_blocks=self.num_random_blocks,
             random_blocks=random_blocks, global_blocks=self.global_blocks,
             global_tokens=self.global_tokens, duplicates=self.duplicates, mask=mask,
-            causal=causal, scale=self.scale, backend=self.backend,
+            causal=causal, scale=self.scale, backend=self.backend, patterns=patterns,
         )
 
     def backward(self, dout, cache):

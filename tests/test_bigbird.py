@@ -351,6 +351,7 @@ def test_method_keeps_adjacency(rng):
     out, cache = method.forward(q, k, v)
     again, cache_again = method.forward(q, k, v)
     assert cache_again["random_blocks"] is cache["random_blocks"]
+    assert cache_again["patterns"] is cache["patterns"]
     np.testing.assert_array_equal(out, again)
     seen = method.keys_seen(cache)
     allowed, _ = bigbird.bigbird_mask(26, 2, cache["random_blocks"])
@@ -373,6 +374,16 @@ def test_method_keys_seen_with_mask(rng):
     np.testing.assert_array_equal(seen, allowed & mask)
     expected, _ = attention_forward(q, k, v, mask=seen)
     np.testing.assert_allclose(out, expected, rtol=0, atol=EXACT)
+
+
+def test_patterns_argument_checked(rng):
+    q, k, v = random_qkv(rng, (1, 2, 20, 2))
+    random_blocks = bigbird.random_block_adjacency(10, 1, 2, rng)
+    patterns = [bigbird.bigbird_pattern(20, 2, random_blocks[0])]
+    with pytest.raises(ValueError, match="patterns has 1 entries"):
+        bigbird.attention_forward(
+            q, k, v, block_size=2, num_random_blocks=1, random_blocks=random_blocks, patterns=patterns
+        )
 
 
 def test_backends_agree(rng):
