@@ -17,9 +17,18 @@
 # Scores, row sums and dq accumulate in double precision for float32 inputs
 # too; dk and dv accumulate in the input dtype.
 
+cimport openmp
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, exp, log
 from libc.stdlib cimport free, malloc
+
+# Below this many multiply-adds a call runs on one thread: starting and
+# joining OpenMP threads would cost more than the work.
+cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 16
+
+
+cdef int thread_count(Py_ssize_t work) noexcept nogil:
+    return openmp.omp_get_max_threads() if work >= PARALLEL_MIN_WORK else 1
 
 
 def sparse_csr_forward(
@@ -48,7 +57,8 @@ def sparse_csr_forward(
     if n_entries * n_queries == 0:
         return out_array, lse_array
 
-    with nogil, parallel():
+    cdef int n_threads = thread_count(n_entries * indices.shape[0] * (width + value_width))
+    with nogil, parallel(num_threads=n_threads):
         acc = <double *> malloc(max(value_width, 1) * sizeof(double))
         for row in prange(n_entries * n_queries, schedule="guided"):
             e = row // n_queries
@@ -149,7 +159,8 @@ def sparse_csr_backward(
             pairs_by_key[next_slot[j]] = t
             next_slot[j] += 1
 
-    with nogil, parallel():
+    cdef int n_threads = thread_count(n_entries * nnz * (width + value_width))
+    with nogil, parallel(num_threads=n_threads):
         acc = <double *> malloc(max(width, 1) * sizeof(double))
 
         # Pass 1, over query rows: p_t, ds_t = p_t (dp_t - Delta_i) and dq_i = scale sum_t ds_t k_j.
@@ -186,7 +197,7 @@ def sparse_csr_backward(
 
     with nogil:
         # Pass 2, over key rows: dk_j += scale ds_t q_i and dv_j += p_t dO_i, pairs in order.
-        for row in prange(n_entries * n_keys, schedule="guided"):
+        for row in prange(n_entries * n_keys, schedule="guided", num_threads=n_threads):
             e = row // n_keys
             j = row % n_keys
             for position in range(key_indptr[j], key_indptr[j + 1]):
