@@ -227,42 +227,69 @@ def attention_forward(
 
     Returns (out (B, H, N, Dv), cache).
     """
+    q_global, k_global, v_global, separate = check_inputs(q, k, v, q_global, k_global, v_global)
+    n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
+    local, glob = longformer_patterns(
+        n_queries, n_keys, n_heads, window=window, dilation=dilation, global_indices=global_indices, causal=causal
+    )
+    return attention_forward_on_patterns(
+        q, k, v, local, glob, q_global=q_global, k_global=k_global, v_global=v_global,
+        separate=separate, mask=mask, scale=scale, backend=backend,
+    )
+
+
+def check_inputs(q, k, v, q_global, k_global, v_global):
+    """Check the local and optional global inputs; return (q_global, k_global, v_global, separate).
+
+    Without separate global inputs the local q, k, v are returned in their place.
+    """
     check_attention_inputs(q, k, v)
     if q.ndim != 4:
         raise ValueError(f"q has shape {q.shape}; expected (B, H, N, D)")
-    n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
-    separate = [x is not None for x in (q_global, k_global, v_global)]
-    if any(separate) and not all(separate):
+    given = [x is not None for x in (q_global, k_global, v_global)]
+    if any(given) and not all(given):
         raise ValueError("pass all three of q_global, k_global and v_global, or none of them")
-    if all(separate):
-        check_attention_inputs(q_global, k_global, v_global)
-        check_same_dtype(q=q, q_global=q_global)
-        for name, local_input, global_input in (("q", q, q_global), ("k", k, k_global), ("v", v, v_global)):
-            if global_input.shape != local_input.shape:
-                raise ValueError(
-                    f"{name}_global has shape {global_input.shape}; expected the shape of {name}, {local_input.shape}"
-                )
-    else:
-        q_global, k_global, v_global = q, k, v
+    if not any(given):
+        return q, k, v, False
+    check_attention_inputs(q_global, k_global, v_global)
+    check_same_dtype(q=q, q_global=q_global)
+    for name, local_input, global_input in (("q", q, q_global), ("k", k, k_global), ("v", v, v_global)):
+        if global_input.shape != local_input.shape:
+            raise ValueError(
+                f"{name}_global has shape {global_input.shape}; expected the shape of {name}, {local_input.shape}"
+            )
+    return q_global, k_global, v_global, True
+
+
+def longformer_patterns(n_queries, n_keys, n_heads, *, window, dilation=1, global_indices=None, causal=False):
+    """Return (local, glob): the H local CSR patterns (one per head dilation) and the global-row pattern."""
     check_window(window, n_keys)
     dilations = head_dilations(dilation, n_heads, n_keys)
-
-    # 1. Local rows: window (dilated per head) plus global columns, with the local projections.
     local = [
         local_pattern(n_queries, n_keys, window=window, dilation=delta, global_indices=global_indices, causal=causal)
         for delta in dilations
     ]
+    glob = global_pattern(n_queries, n_keys, global_indices=global_indices, causal=causal)
+    return local, glob
+
+
+def attention_forward_on_patterns(
+    q, k, v, local, glob, *, q_global, k_global, v_global, separate, mask=None, scale=None, backend=None
+):
+    """Run the two passes of attention_forward on patterns from longformer_patterns."""
+    n_heads = q.shape[1]
+
+    # 1. Local rows: window (dilated per head) plus global columns, with the local projections.
     out, local_cache = multihead_sparse_forward(q, k, v, local, mask=mask, scale=scale, backend=backend)
 
     # 2. Global rows: every key, with the global projections. The two row sets are disjoint.
-    glob = global_pattern(n_queries, n_keys, global_indices=global_indices, causal=causal)
     global_cache = None
     if glob[1].shape[0]:
         global_out, global_cache = multihead_sparse_forward(
             q_global, k_global, v_global, [glob] * n_heads, mask=mask, scale=scale, backend=backend
         )
         out += global_out
-    return out, (local_cache, global_cache, all(separate))
+    return out, (local_cache, global_cache, separate)
 
 
 def attention_backward(dout, cache):
@@ -324,6 +351,7 @@ class LongformerAttention:
         self.global_indices = global_indices
         self.scale = scale
         self.backend = backend
+        self.patterns = {}  # (N, M, H, causal) -> (local, glob), built once per shape
 
     def window_for(self, n_keys):
         """Return the one-sided window used for M keys."""
@@ -338,10 +366,18 @@ class LongformerAttention:
         )
 
     def forward(self, q, k, v, *, mask=None, causal=False, q_global=None, k_global=None, v_global=None):
-        return attention_forward(
-            q, k, v, window=self.window_for(k.shape[-2]), dilation=self.dilation,
-            global_indices=self.global_indices, q_global=q_global, k_global=k_global, v_global=v_global,
-            causal=causal, mask=mask, scale=self.scale, backend=self.backend,
+        q_global, k_global, v_global, separate = check_inputs(q, k, v, q_global, k_global, v_global)
+        n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
+        key = (n_queries, n_keys, n_heads, bool(causal))
+        if key not in self.patterns:
+            self.patterns[key] = longformer_patterns(
+                n_queries, n_keys, n_heads, window=self.window_for(n_keys), dilation=self.dilation,
+                global_indices=self.global_indices, causal=causal,
+            )
+        local, glob = self.patterns[key]
+        return attention_forward_on_patterns(
+            q, k, v, local, glob, q_global=q_global, k_global=k_global, v_global=v_global,
+            separate=separate, mask=mask, scale=self.scale, backend=self.backend,
         )
 
     def backward(self, dout, cache):

@@ -217,6 +217,12 @@ def head_pattern(
     return csr_from_candidates(columns, valid)
 
 
+def head_patterns(n_queries, n_keys, n_heads, **options):
+    """Return the H CSR patterns of one call, one per head (see head_pattern for the options)."""
+    check_int("n_heads", n_heads, minimum=1)
+    return [head_pattern(n_queries, n_keys, head, n_heads, **options) for head in range(n_heads)]
+
+
 def sparse_transformer_mask(n_queries, n_keys, head=0, n_heads=1, **options):
     """Return the bool (N, M) mask of the keys head `head` attends: the dense specification.
 
@@ -267,13 +273,10 @@ def attention_forward(
     n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
 
     # 1. One CSR pattern per head (heads differ under "split" and per summary set).
-    patterns = [
-        head_pattern(
-            n_queries, n_keys, head, n_heads, pattern=pattern, stride=stride, summary_width=summary_width,
-            n_summary_sets=n_summary_sets, combine=combine, layer=layer, causal=causal,
-        )
-        for head in range(n_heads)
-    ]
+    patterns = head_patterns(
+        n_queries, n_keys, n_heads, pattern=pattern, stride=stride, summary_width=summary_width,
+        n_summary_sets=n_summary_sets, combine=combine, layer=layer, causal=causal,
+    )
 
     # 2. Softmax attention over each query's listed keys.
     out, core_cache = multihead_sparse_forward(q, k, v, patterns, mask=mask, scale=scale, backend=backend)
@@ -325,15 +328,25 @@ class SparseTransformerAttention:
         )
         self.scale = scale
         self.backend = backend
+        self.patterns = {}  # (N, M, H, causal) -> the H CSR patterns, built once per shape
+
+    def head_patterns(self, n_queries, n_keys, n_heads, causal):
+        """Return the H CSR patterns for these lengths, built on first use and then reused."""
+        key = (n_queries, n_keys, n_heads, bool(causal))
+        if key not in self.patterns:
+            self.patterns[key] = head_patterns(n_queries, n_keys, n_heads, causal=causal, **self.options)
+        return self.patterns[key]
 
     def mask(self, n_queries, n_keys, *, head=0, n_heads=1, causal=False):
         """Return the bool (N, M) dense specification of one head's pattern."""
         return sparse_transformer_mask(n_queries, n_keys, head, n_heads, causal=causal, **self.options)
 
     def forward(self, q, k, v, *, mask=None, causal=False):
-        return attention_forward(
-            q, k, v, causal=causal, mask=mask, scale=self.scale, backend=self.backend, **self.options
-        )
+        check_attention_inputs(q, k, v)
+        if q.ndim != 4:
+            raise ValueError(f"q has shape {q.shape}; expected (B, H, N, D)")
+        patterns = self.head_patterns(q.shape[2], k.shape[2], q.shape[1], causal)
+        return multihead_sparse_forward(q, k, v, patterns, mask=mask, scale=self.scale, backend=self.backend)
 
     def backward(self, dout, cache):
         return attention_backward(dout, cache)

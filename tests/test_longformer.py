@@ -232,3 +232,13 @@ def test_partial_global_projections_raise(rng):
     wide_values = np.zeros((1, 1, 5, 4))
     with pytest.raises(ValueError, match="v_global has shape"):
         lf.attention_forward(q, k, v, window=1, q_global=q, k_global=k, v_global=wide_values)
+
+
+def test_method_reuses_patterns_per_shape(rng):
+    method = lf.make_method(window=2, global_indices=[0])
+    q, k, v = (rng.standard_normal((1, 2, 8, 3)) for _ in range(3))
+    first, _ = method.forward(q, k, v)
+    second, _ = method.forward(q, k, v)
+    method.forward(q, k, v, causal=True)
+    assert len(method.patterns) == 2
+    assert np.array_equal(first, second)

@@ -212,3 +212,13 @@ def test_bad_mask_raises(rng):
         st.attention_forward(q, k, v, stride=2, mask=np.ones((3, 5), dtype=bool))
     with pytest.raises(ValueError, match="expected \\(B, H, N, D\\)"):
         st.attention_forward(q[0], k[0], v[0], stride=2)
+
+
+def test_method_reuses_patterns_per_shape(rng):
+    method = st.make_method(stride=3)
+    q, k, v = (rng.standard_normal((1, 2, 8, 3)) for _ in range(3))
+    first, _ = method.forward(q, k, v)
+    second, _ = method.forward(q, k, v)
+    method.forward(q[:, :, :5], k, v)
+    assert len(method.patterns) == 2
+    assert np.array_equal(first, second)
