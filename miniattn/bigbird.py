@@ -2,14 +2,15 @@
 
 Letters: B batch, H heads, N queries, M keys (M = N: BigBird is
 self-attention), D head width, b block size, nb = ceil(N / b) blocks,
-R random blocks per query block, G global tokens.
+R random blocks per query block, A the random adjacency (H, nb, R),
+G global tokens.
 
 Idea. Cut the sequence into nb blocks of b tokens (the last block may be
 shorter). Every query of block i attends whole key blocks:
 
     window   blocks i - 1, i, i + 1 (those that exist)
     global   the global blocks (ITC: the first and the last block)
-    random   R blocks R[h, i, :], drawn per head and kept fixed
+    random   R blocks A[h, i, :], drawn per head and kept fixed
 
 and the queries of a global block attend every key ("global as rows and as
 columns"). The internal transformer construction (ITC) is exactly this with
@@ -17,9 +18,9 @@ global blocks 0 and nb - 1:
 
     query block    key blocks                            keys per query
     0, nb - 1      all                                   N
-    1              0, 1, 2, nb - 1, R[1]                 (4 + R) b
-    2 .. nb - 3    0, i - 1, i, i + 1, nb - 1, R[i]      (5 + R) b
-    nb - 2         0, nb - 3, nb - 2, nb - 1, R[nb - 2]  (4 + R) b
+    1              0, 1, 2, nb - 1, A[1]                 (4 + R) b
+    2 .. nb - 3    0, i - 1, i, i + 1, nb - 1, A[i]      (5 + R) b
+    nb - 2         0, nb - 3, nb - 2, nb - 1, A[nb - 2]  (4 + R) b
 
 The extended construction (ETC) designates G extra global tokens by their
 positions: a global token's row attends every key and every query attends
@@ -58,7 +59,7 @@ N <= (5 + 2R) b (global 2b, window 3b, random R b and R b of slack, the
 rule of the reference implementation), ``attention_forward`` computes full
 dense attention for that call instead. Longer calls use the block plan again.
 
-Padding. N need not be a multiple of b: the last block holds the remaining
+Padding. N need not be a multiple of b: the last block contains the remaining
 N - (nb - 1) b tokens. This is the same as padding to nb b tokens with
 padding keys masked out and padding rows dropped, without allocating the
 padding, so padding cannot reach outputs or gradients.
@@ -172,7 +173,7 @@ def random_block_adjacency(n_blocks, num_random_blocks, n_heads, rng, *, global_
     the candidates are the blocks that are neither in i's window
     {i-1, i, i+1} nor global; R of them are drawn without replacement with
     rng.choice and stored sorted. The same generator state gives the same
-    adjacency. Rows of global blocks attend everything and hold -1.
+    adjacency. Rows of global blocks attend everything and contain -1.
 
     Inputs:
     - n_blocks: nb; num_random_blocks: R >= 0; n_heads: H >= 1
@@ -181,6 +182,12 @@ def random_block_adjacency(n_blocks, num_random_blocks, n_heads, rng, *, global_
 
     Returns random_blocks, int64 (H, nb, R).
     Raises ValueError when some query block has fewer than R candidates.
+
+    NOTE: this is the rule of the reference code's per-head generator for
+    general lengths. Its fixed plans for N in {1024, 2048, 3072, 4096} (with
+    random blocks only from the first 1024 tokens, sometimes equal to a
+    window or global block) are not reproduced; pass such an adjacency
+    explicitly, with duplicates="count" to weight repeats as it does.
     """
     check_int("n_blocks", n_blocks, minimum=1)
     check_int("num_random_blocks", num_random_blocks, minimum=0)
@@ -230,7 +237,7 @@ def check_random_blocks(random_blocks, n_blocks, global_blocks, *, n_heads=None)
     used = random_blocks[..., rows, :]
     if used.size and (used.min() < 0 or used.max() >= n_blocks):
         raise ValueError(
-            f"random_blocks holds block indices from {used.min()} to {used.max()} in non-global rows; "
+            f"random_blocks contains block indices from {used.min()} to {used.max()} in non-global rows; "
             f"expected indices in [0, {n_blocks})"
         )
 
@@ -297,7 +304,9 @@ def bigbird_mask(
     global_block_ids = normalize_global_blocks(global_blocks, n_blocks)
     tokens = normalize_global_tokens(global_tokens, n)
     if random_blocks is not None:
-        check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=None if random_blocks.ndim == 2 else random_blocks.shape[0])
+        per_head = getattr(random_blocks, "ndim", 0) == 3
+        n_heads = random_blocks.shape[0] if per_head else None
+        check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=n_heads)
 
     # 1. Block level: how often query block i lists key block j.
     counts = block_counts(n_blocks, random_blocks, global_blocks=global_block_ids, duplicates=duplicates)
@@ -429,7 +438,7 @@ def attention_forward(
     When N <= (5 + 2R) b this call computes full dense attention instead
     (random_blocks and rng are then not used).
 
-    Returns (out, cache): out (..., H, N, D); the cache holds the path
+    Returns (out, cache): out (..., H, N, D); the cache contains the path
     ("block_sparse" or "full"), the adjacency, the pattern of every head and,
     per head (or per slice when a mask is given), the pattern actually used
     and the sparse core's cache.
@@ -496,6 +505,8 @@ def attention_forward(
     if mask is None:
         slices = [((Ellipsis, head),) + patterns[head] for head in range(n_heads)]
     else:
+        # NOTE: the core shares one pattern across its leading axes, so a mask (which may
+        # differ per batch entry) costs one core call per (batch..., head) slice.
         full_mask = np.broadcast_to(mask, scores_shape)  # (..., H, N, N), a view
         slices = [
             (prefix,) + _restrict_pattern(*patterns[prefix[-1]], full_mask[prefix])
@@ -522,7 +533,7 @@ def attention_forward(
 def attention_backward(dout, cache):
     """Backward of attention_forward: returns (dq, dk, dv), each (..., H, N, D).
 
-    The cache holds the sparse core's cache of every head (or slice); the
+    The cache contains the sparse core's cache of every head (or slice); the
     core recomputes the probabilities from its saved log-sum-exp and
     scatter-adds into dk and dv. On the full-attention path the dense
     backward runs instead.
