@@ -524,6 +524,8 @@ def test_random_blocks_invalid(rng):
         bigbird.attention_forward(q, k, v, random_blocks=np.zeros((2, 10, 1)), **options)
     with pytest.raises(ValueError, match="rng"):
         bigbird.attention_forward(q, k, v, **options)
+    with pytest.raises(TypeError, match="random_blocks"):
+        bigbird.bigbird_mask(20, 2, [[0]] * 10)
 
 
 def test_causal_rejected(rng):
