@@ -251,6 +251,15 @@ def test_fallback_equals_dense(rng, n):
         np.testing.assert_array_equal(grad, expected_grad)
 
 
+def test_fallback_with_mask(rng):
+    q, k, v = random_qkv(rng, (2, 2, 12, 3))
+    mask = rng.random((2, 1, 12, 12)) < 0.5
+    out, cache = bigbird.attention_forward(q, k, v, block_size=2, num_random_blocks=1, mask=mask)
+    expected, _ = attention_forward(q, k, v, mask=mask)
+    assert cache["path"] == "full"
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_fallback_threshold_and_block_size_above_n(rng):
     q, k, v = random_qkv(rng, (1, 1, 15, 2))
     _, cache = bigbird.attention_forward(q, k, v, block_size=2, num_random_blocks=1, rng=rng)
@@ -403,6 +412,37 @@ def test_backends_agree(rng):
         results[backend] = (out,) + tuple(bigbird.attention_backward(dout, cache))
     for numpy_array, cython_array in zip(results["numpy"], results["cython"]):
         np.testing.assert_allclose(cython_array, numpy_array, rtol=0, atol=EXACT)
+
+
+def test_float32_matches_float64(rng):
+    q, k, v = random_qkv(rng, (1, 2, 30, 4))
+    random_blocks = bigbird.random_block_adjacency(15, 2, 2, rng)
+    options = dict(block_size=2, num_random_blocks=2, random_blocks=random_blocks)
+    out64, _ = bigbird.attention_forward(q, k, v, **options)
+    out32, _ = bigbird.attention_forward(*(x.astype(np.float32) for x in (q, k, v)), **options)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, out64, rtol=0, atol=1e-5)
+
+
+def test_multihead_attention_layer(rng):
+    from miniattn.transformer import init_mha_params, mha_backward, mha_forward
+
+    x = rng.standard_normal((2, 24, 8))  # (B, N, C)
+    params = init_mha_params(8, 2, rng)
+    method = make_method("bigbird", rng=rng, block_size=2, num_random_blocks=1)
+    mask = miniattn.core.masks.padding_mask(np.array([24, 19]), 24)  # (B, 1, 1, N)
+    y, cache = mha_forward(x, x, params, n_heads=2, mask=mask, attention=method)
+    seen = method.keys_seen(cache[5])  # (B, H, N, N): the pattern and the padding mask
+    y_dense, cache_dense = mha_forward(x, x, params, n_heads=2, mask=seen)
+    np.testing.assert_allclose(y, y_dense, rtol=0, atol=EXACT)
+
+    dy = rng.standard_normal(y.shape)
+    dx_q, dx_kv, dparams = mha_backward(dy, cache)
+    dx_q_dense, dx_kv_dense, dparams_dense = mha_backward(dy, cache_dense)
+    np.testing.assert_allclose(dx_q, dx_q_dense, rtol=0, atol=EXACT)
+    np.testing.assert_allclose(dx_kv, dx_kv_dense, rtol=0, atol=EXACT)
+    for name in dparams:
+        np.testing.assert_allclose(dparams[name], dparams_dense[name], rtol=0, atol=1e-11, err_msg=name)
 
 
 # --- gradient checks ---------------------------------------------------------------------
