@@ -418,10 +418,10 @@ def attention_forward(
     backend=None,
     patterns=None,
 ):
-    """BigBird block-sparse self-attention of q, k, v (..., H, N, D).
+    """BigBird block-sparse self-attention of q, k (..., H, N, D) and v (..., H, N, Dv).
 
     Inputs:
-    - q, k, v: (..., H, N, D), the same N for all three (self-attention)
+    - q, k: (..., H, N, D); v: (..., H, N, Dv); one N for all three (self-attention)
     - block_size: b >= 1; num_random_blocks: R >= 0
     - random_blocks: int (H, nb, R) adjacency, or None to draw one from rng
       with ``random_block_adjacency`` (then returned in the cache)
@@ -438,7 +438,7 @@ def attention_forward(
     When N <= (5 + 2R) b this call computes full dense attention instead
     (random_blocks and rng are then not used).
 
-    Returns (out, cache): out (..., H, N, D); the cache contains the path
+    Returns (out, cache): out (..., H, N, Dv); the cache contains the path
     ("block_sparse" or "full"), the adjacency, the pattern of every head and,
     per head (or per slice when a mask is given), the pattern actually used
     and the sparse core's cache.
@@ -500,7 +500,7 @@ def attention_forward(
 
     # 2. Sparse attention per head; with a mask, per (batch..., head) slice on the kept entries.
     #    A slice is named by the prefix of its index: (..., head) or (b..., head).
-    out = np.empty_like(q)  # (..., H, N, D)
+    out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)  # (..., H, N, Dv)
     slice_caches = []
     if mask is None:
         slices = [((Ellipsis, head),) + patterns[head] for head in range(n_heads)]
@@ -516,7 +516,7 @@ def attention_forward(
         rows = prefix + (slice(None), slice(None))
         out[rows], slice_cache = sparse_attention_forward(
             q[rows], k[rows], v[rows], indptr, indices, scale=scale, backend=backend
-        )  # (..., N, D) or (N, D)
+        )  # (..., N, Dv) or (N, Dv)
         slice_caches.append((prefix, indptr, indices, slice_cache))
 
     cache = {
@@ -524,14 +524,15 @@ def attention_forward(
         "random_blocks": random_blocks,
         "patterns": patterns,
         "slice_caches": slice_caches,
-        "shape": q.shape,
+        "q_shape": q.shape,
+        "v_shape": v.shape,
         "dtype": q.dtype,
     }
     return out, cache
 
 
 def attention_backward(dout, cache):
-    """Backward of attention_forward: returns (dq, dk, dv), each (..., H, N, D).
+    """Backward of attention_forward: returns (dq, dk, dv) shaped like (q, k, v).
 
     The cache contains the sparse core's cache of every head (or slice); the
     core recomputes the probabilities from its saved log-sum-exp and
@@ -541,14 +542,16 @@ def attention_backward(dout, cache):
     if cache["path"] == "full":
         return dense_attention_backward(dout, cache["dense_cache"])[:3]
 
-    dq = np.zeros(cache["shape"], dtype=cache["dtype"])  # (..., H, N, D)
-    dk = np.zeros_like(dq)
-    dv = np.zeros_like(dq)
+    dq = np.zeros(cache["q_shape"], dtype=cache["dtype"])  # (..., H, N, D)
+    dk = np.zeros_like(dq)  # (..., H, N, D)
+    dv = np.zeros(cache["v_shape"], dtype=cache["dtype"])  # (..., H, N, Dv)
 
     # 2. out[slice] = sparse attention of the slice (slices do not overlap).
     for prefix, _, _, slice_cache in cache["slice_caches"]:
         rows = prefix + (slice(None), slice(None))
         dq[rows], dk[rows], dv[rows] = sparse_attention_backward(dout[rows], slice_cache)
+
+    # 1. The patterns are constants (fixed random blocks): no gradient flows into them.
     return dq, dk, dv
 
 
@@ -638,7 +641,7 @@ class BigBirdAttention:
         """Return the bool (..., H, N, N) keys each query attended, or None for full attention."""
         if cache["path"] == "full":
             return cache["dense_cache"][7]
-        shape = cache["shape"]
+        shape = cache["q_shape"]
         seen = np.zeros(shape[:-1] + (shape[-2],), dtype=bool)  # (..., H, N, N)
         for prefix, indptr, indices, _ in cache["slice_caches"]:
             rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))  # (nnz,) query of each entry

@@ -148,6 +148,19 @@ def test_dense_equality_count_duplicates(rng, backend):
     assert np.max(np.abs(counted - merged)) > 1e-3  # the two rules really differ here
 
 
+def test_value_width_differs(rng):
+    n, block_size, n_random = 20, 2, 1
+    random_blocks = bigbird.random_block_adjacency(10, n_random, 2, rng)
+    q, k = random_qkv(rng, (2, 2, n, 3))[:2]
+    v = rng.standard_normal((2, 2, n, 5))  # Dv = 5 != D = 3
+    allowed, _ = bigbird.bigbird_mask(n, block_size, random_blocks)
+    out, grads = assert_matches_dense(
+        rng, q, k, v, allowed, None, block_size=block_size, num_random_blocks=n_random, random_blocks=random_blocks
+    )
+    assert out.shape == (2, 2, n, 5)
+    assert grads[2].shape == v.shape
+
+
 def test_rules_agree_without_duplicates(rng):
     n, block_size, n_random = 30, 2, 2
     random_blocks = bigbird.random_block_adjacency(15, n_random, 2, rng)
