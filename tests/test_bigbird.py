@@ -472,7 +472,8 @@ def test_gradcheck_cases(seed):
         assert result.max_rel_error <= GRAD_TOL, f"{label}\n{result}"
 
 
-def test_gradcheck_with_mask(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_with_mask(rng, backend):
     n = 18
     random_blocks = bigbird.random_block_adjacency(9, 1, 2, rng)
     mask = rng.random((1, 2, n, n)) < 0.7
@@ -480,7 +481,7 @@ def test_gradcheck_with_mask(rng):
 
     def forward(q, k, v):
         return bigbird.attention_forward(
-            q, k, v, block_size=2, num_random_blocks=1, random_blocks=random_blocks, mask=mask
+            q, k, v, block_size=2, num_random_blocks=1, random_blocks=random_blocks, mask=mask, backend=backend
         )
 
     inputs = random_qkv(rng, (1, 2, n, 3))
