@@ -24,7 +24,7 @@ from libc.stdlib cimport free, malloc
 
 # Below this many multiply-adds a call runs on one thread: starting and
 # joining OpenMP threads would cost more than the work.
-cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 16
+cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 20
 
 
 cdef int thread_count(Py_ssize_t work) noexcept nogil:

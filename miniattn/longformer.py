@@ -353,6 +353,16 @@ class LongformerAttention:
         self.backend = backend
         self.patterns = {}  # (N, M, H, causal) -> (local, glob), built once per shape
 
+    def head_patterns(self, n_queries, n_keys, n_heads, causal):
+        """Return (local, glob) for these lengths (see longformer_patterns), built on first use and then reused."""
+        key = (n_queries, n_keys, n_heads, bool(causal))
+        if key not in self.patterns:
+            self.patterns[key] = longformer_patterns(
+                n_queries, n_keys, n_heads, window=self.window_for(n_keys), dilation=self.dilation,
+                global_indices=self.global_indices, causal=causal,
+            )
+        return self.patterns[key]
+
     def window_for(self, n_keys):
         """Return the one-sided window used for M keys."""
         return min(DEFAULT_WINDOW, max(n_keys - 1, 1)) if self.window is None else self.window
@@ -367,14 +377,7 @@ class LongformerAttention:
 
     def forward(self, q, k, v, *, mask=None, causal=False, q_global=None, k_global=None, v_global=None):
         q_global, k_global, v_global, separate = check_inputs(q, k, v, q_global, k_global, v_global)
-        n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
-        key = (n_queries, n_keys, n_heads, bool(causal))
-        if key not in self.patterns:
-            self.patterns[key] = longformer_patterns(
-                n_queries, n_keys, n_heads, window=self.window_for(n_keys), dilation=self.dilation,
-                global_indices=self.global_indices, causal=causal,
-            )
-        local, glob = self.patterns[key]
+        local, glob = self.head_patterns(q.shape[2], k.shape[2], q.shape[1], causal)
         return attention_forward_on_patterns(
             q, k, v, local, glob, q_global=q_global, k_global=k_global, v_global=v_global,
             separate=separate, mask=mask, scale=self.scale, backend=self.backend,
