@@ -32,9 +32,9 @@ Within the chosen keys the attention is the ordinary one,
     S_ij = q_i . k_j / sqrt(D) + log c_ij,   P_i = softmax_j(S_i),   O_i = sum_j P_ij v_j
 
 where c_ij counts how often key j is listed for query i (see "Keys reached
-twice"). Each (head, pattern) pair is a list of key indices per query (CSR
-layout), and ``miniattn.core.sparse`` does the gathering, the softmax and the
-scatter-add backward; this file only builds the pattern.
+twice"). The pattern of each head is a list of key indices per query (CSR
+layout). ``miniattn.core.sparse`` does the gathering, the softmax and the
+scatter-add backward, so this file only builds the pattern.
 
 Keys reached twice. The reference code concatenates the key blocks of a
 row, so a random block that coincides with a window or global block (which
@@ -344,9 +344,9 @@ def bigbird_pattern(
     """Return the CSR pattern (indptr, indices) of one head: the keys each query attends.
 
     Inputs are those of ``bigbird_mask`` with random_blocks (nb, R) for one
-    head. Each row lists its keys in increasing order; under "count" a key
-    listed c times appears c times in a row (the sparse core attends it c
-    times), under "merge" once.
+    head. Each row lists its keys in increasing order. Under "count" a key
+    listed c times appears c times in its row, and the sparse core attends
+    it c times. Under "merge" it appears once.
 
     Returns indptr int64 (N + 1,) and indices int64 (nnz,).
     """
@@ -432,8 +432,9 @@ def attention_forward(
     - causal: must be False (BigBird is bidirectional)
     - scale: score scale, 1/sqrt(D) by default; backend: sparse kernel backend
     - patterns: optional list of the H CSR patterns that ``bigbird_pattern``
-      makes for these random blocks and options, to skip rebuilding them
-      (the method object keeps them); they are trusted, not rebuilt to check
+      makes for these random blocks and options. The method object passes
+      its kept patterns to skip rebuilding them. They are not checked
+      against random_blocks.
 
     When N <= (5 + 2R) b this call computes full dense attention instead
     (random_blocks and rng are then not used).
@@ -534,7 +535,7 @@ def attention_forward(
 def attention_backward(dout, cache):
     """Backward of attention_forward: returns (dq, dk, dv) shaped like (q, k, v).
 
-    The cache contains the sparse core's cache of every head (or slice); the
+    The cache contains the sparse core's cache of every head (or slice). The
     core recomputes the probabilities from its saved log-sum-exp and
     scatter-adds into dk and dv. On the full-attention path the dense
     backward runs instead.
