@@ -219,3 +219,16 @@ def test_sparse_rejects_bad_bias_and_dout(rng):
         sparse_attention_backward(np.zeros(out.shape[:-1]), cache)
     with pytest.raises(ValueError, match="backend"):
         sparse_attention_forward(q, k, v, indptr, indices, backend="gpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_int32_indices_and_strided_inputs(rng, backend):
+    q, k, v = random_inputs(rng)
+    indptr, indices = csr_from_rows(ROWS_WITH_REPEATS, 9)
+    expected, _ = sparse_attention_forward(q, k, v, indptr, indices, backend=backend)
+    q_view = np.swapaxes(np.ascontiguousarray(np.swapaxes(q, -1, -2)), -1, -2)  # same values, not C-contiguous
+    assert not q_view.flags.c_contiguous
+    out, _ = sparse_attention_forward(
+        q_view, k, v, indptr.astype(np.int32), indices.astype(np.int32), backend=backend
+    )
+    assert np.array_equal(out, expected)
