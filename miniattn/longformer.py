@@ -35,7 +35,9 @@ Qg, Kg, Vg. ``attention_forward`` takes them as the optional inputs
 q_global, k_global, v_global (B, H, N, D), (B, H, M, D), (B, H, M, Dv), and
 then returns six gradients; without them the global rows use q, k, v and
 the backward sums both paths into dq, dk, dv. The global columns that local
-queries see always use the local k, v, as in the paper.
+queries see always use the local k, v, as in the paper. The layer
+``self_attention_forward`` holds all six projection matrices and applies
+them to one input x.
 
 Lengths and padding. Windows are generated per query as CSR lists (the
 shared core ``miniattn.core.sparse``), so any length works and nothing is
@@ -56,7 +58,8 @@ from .core.sparse import (
     multihead_sparse_forward,
     multihead_sparse_keys_seen,
 )
-from .core.validate import check_attention_inputs, check_int, check_same_dtype
+from .core.validate import check_attention_inputs, check_float_array, check_int, check_same_dtype
+from .transformer import init_mha_params, merge_heads, split_heads
 
 DEFAULT_WINDOW = 256  # one-sided; the Hugging Face default attention_window=512 is two-sided
 
@@ -324,6 +327,90 @@ def keys_seen(cache):
     if global_cache is not None:
         seen |= multihead_sparse_keys_seen(global_cache)
     return seen
+
+
+# --- self-attention layer with separate global projections ---------------------
+
+PROJECTIONS = ("q", "k", "v", "q_global", "k_global", "v_global")
+LAYER_PARAM_NAMES = tuple(f"{kind}_{name}" for name in PROJECTIONS for kind in ("W", "b")) + ("W_o", "b_o")
+
+
+def init_layer_params(model_width, n_heads, rng, *, dtype=np.float64):
+    """Draw the local projections and output projection; start the global ones as copies of the local ones.
+
+    Starting the global projections from the local ones follows the paper;
+    they are separate arrays, so training moves them apart.
+    """
+    params = init_mha_params(model_width, n_heads, rng, dtype=dtype)
+    for name in ("q", "k", "v"):
+        params[f"W_{name}_global"] = params[f"W_{name}"].copy()
+        params[f"b_{name}_global"] = params[f"b_{name}"].copy()
+    return params
+
+
+def self_attention_forward(
+    x, params, *, n_heads, window, dilation=1, global_indices=None, causal=False, mask=None, backend=None
+):
+    """Longformer self-attention layer on x (B, N, C) with six input projections.
+
+    Inputs:
+    - params: W_q, b_q, W_k, b_k, W_v, b_v (local), W_q_global, b_q_global,
+      W_k_global, b_k_global, W_v_global, b_v_global (global rows), W_o, b_o;
+      every W is (C, C) and every b (C,), as made by init_layer_params
+    - n_heads: H; the remaining options are those of attention_forward
+
+    Returns (y (B, N, C), cache).
+    """
+    check_float_array("x", x, min_ndim=3)
+    if x.ndim != 3:
+        raise ValueError(f"x has shape {x.shape}; expected (B, N, C)")
+    missing = [name for name in LAYER_PARAM_NAMES if name not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}; expected keys {list(LAYER_PARAM_NAMES)}")
+    check_int("n_heads", n_heads, minimum=1)
+    if x.shape[-1] % n_heads:
+        raise ValueError(f"model width {x.shape[-1]} is not divisible by n_heads={n_heads}")
+
+    # 1. Six projections of the same x (local and global queries, keys, values), split into heads.
+    projected = {
+        name: split_heads(x @ params[f"W_{name}"] + params[f"b_{name}"], n_heads) for name in PROJECTIONS
+    }  # each (B, H, N, D)
+
+    # 2. Longformer attention: local rows with q, k, v; global rows with the global projections.
+    heads, attention_cache = attention_forward(
+        projected["q"], projected["k"], projected["v"], window=window, dilation=dilation,
+        global_indices=global_indices, q_global=projected["q_global"], k_global=projected["k_global"],
+        v_global=projected["v_global"], causal=causal, mask=mask, backend=backend,
+    )  # (B, H, N, D)
+
+    # 3. Concatenate the heads and project out.
+    merged = merge_heads(heads)  # (B, N, C)
+    y = merged @ params["W_o"] + params["b_o"]  # (B, N, C)
+    return y, (x, params, n_heads, attention_cache, merged)
+
+
+def self_attention_backward(dy, cache):
+    """Backward of self_attention_forward: returns (dx, dparams) with one gradient per parameter."""
+    x, params, n_heads, attention_cache, merged = cache
+    flat_x = x.reshape(-1, x.shape[-1])  # (B N, C)
+    dparams = {}
+
+    # 3. y = merged W_o + b_o
+    dparams["W_o"] = merged.reshape(-1, merged.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+    dparams["b_o"] = dy.sum(axis=(0, 1))
+    dheads = split_heads(dy @ params["W_o"].T, n_heads)  # (B, H, N, D)
+
+    # 2. Attention, with six gradients because the global projections are separate inputs.
+    grads = dict(zip(PROJECTIONS, attention_backward(dheads, attention_cache)))
+
+    # 1. Six projections read x (a fork): their input gradients add.
+    dx = np.zeros_like(x)  # (B, N, C)
+    for name in PROJECTIONS:
+        dprojected = merge_heads(grads[name])  # (B, N, C)
+        dparams[f"W_{name}"] = flat_x.T @ dprojected.reshape(-1, dprojected.shape[-1])
+        dparams[f"b_{name}"] = dprojected.sum(axis=(0, 1))
+        dx += dprojected @ params[f"W_{name}"].T
+    return dx, dparams
 
 
 # --- method object ---------------------------------------------------------------

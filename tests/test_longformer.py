@@ -242,3 +242,41 @@ def test_method_reuses_patterns_per_shape(rng):
     method.forward(q, k, v, causal=True)
     assert len(method.patterns) == 2
     assert np.array_equal(first, second)
+
+
+def test_layer_gradcheck_with_global_projections(rng):
+    params = lf.init_layer_params(4, 2, rng)
+    for name in params:  # move the global projections away from their local copies
+        params[name] = params[name] + 0.1 * rng.standard_normal(params[name].shape)
+    names = list(lf.LAYER_PARAM_NAMES)
+    x = rng.standard_normal((2, 6, 4))
+
+    def forward(x, *arrays):
+        return lf.self_attention_forward(
+            x, dict(zip(names, arrays)), n_heads=2, window=1, dilation=(1, 2), global_indices=[0, 4], causal=True
+        )
+
+    def backward(dy, cache):
+        dx, dparams = lf.self_attention_backward(dy, cache)
+        return (dx,) + tuple(dparams[name] for name in names)
+
+    inputs = [x] + [params[name] for name in names]
+    result = gradcheck(forward, backward, inputs, names=["x"] + names, rng=rng)
+    assert result.max_rel_error < 1e-6, str(result)
+
+
+def test_layer_global_rows_use_global_projections(rng):
+    params = lf.init_layer_params(4, 2, rng)
+    x = rng.standard_normal((1, 6, 4))
+    y, _ = lf.self_attention_forward(x, params, n_heads=2, window=1, global_indices=[2])
+    params["W_q_global"] = params["W_q_global"] + 1.0
+    changed, _ = lf.self_attention_forward(x, params, n_heads=2, window=1, global_indices=[2])
+    differs = np.any(np.abs(changed - y) > 1e-12, axis=-1)[0]  # (N,)
+    assert differs.tolist() == [False, False, True, False, False, False]
+
+
+def test_layer_rejects_missing_params(rng):
+    params = lf.init_layer_params(4, 2, rng)
+    del params["W_k_global"]
+    with pytest.raises(ValueError, match="W_k_global"):
+        lf.self_attention_forward(rng.standard_normal((1, 6, 4)), params, n_heads=2, window=1)
