@@ -13,9 +13,8 @@
 #           store p_t and ds_t per listed pair (E, nnz);
 #   pass 2, over key rows: walk the pairs that list key j (the transposed
 #           pattern, built by a counting sort that keeps pair order) and
-#           accumulate dk_j and dv_j in pair order, as np.add.at does.
-# Scores, row sums and dq accumulate in double precision for float32 inputs
-# too; dk and dv accumulate in the input dtype.
+#           sum dk_j and dv_j in pair order, as np.add.at does.
+# Every sum runs in double precision, for float32 inputs too.
 
 cimport openmp
 from cython.parallel cimport parallel, prange
@@ -133,6 +132,7 @@ def sparse_csr_backward(
     cdef Py_ssize_t row, e, i, t, j, d, position
     cdef double score, prob, dprob, row_dot, dscore
     cdef double *acc
+    cdef double *value_acc
     cdef const floating *q_row
     cdef const floating *k_row
     cdef const floating *v_row
@@ -205,20 +205,33 @@ def sparse_csr_backward(
                 dq[e, i, d] = <floating> (acc[d] * scale)
         free(acc)
 
-    with nogil:
-        # Pass 2, over key rows: dk_j += scale ds_t q_i and dv_j += p_t dO_i, pairs in order.
-        for row in prange(n_entries * n_keys, schedule="guided", num_threads=n_threads):
+    with nogil, parallel(num_threads=n_threads):
+        acc = <double *> malloc(max(width, 1) * sizeof(double))
+        value_acc = <double *> malloc(max(value_width, 1) * sizeof(double))
+
+        # Pass 2, over key rows: dk_j = scale sum_t ds_t q_i and dv_j = sum_t p_t dO_i, pairs in order.
+        for row in prange(n_entries * n_keys, schedule="guided"):
             e = row // n_keys
             j = row % n_keys
+            for d in range(width):
+                acc[d] = 0.0
+            for d in range(value_width):
+                value_acc[d] = 0.0
             for position in range(key_indptr[j], key_indptr[j + 1]):
                 t = pairs_by_key[position]
                 i = pair_row[t]
                 q_row = &q[e, i, 0]
                 dout_row = &dout[e, i, 0]
-                dscore = dscores[e, t] * scale
+                dscore = dscores[e, t]
                 prob = probs[e, t]
                 for d in range(width):
-                    dk[e, j, d] = dk[e, j, d] + <floating> (dscore * q_row[d])
+                    acc[d] = acc[d] + dscore * q_row[d]
                 for d in range(value_width):
-                    dv[e, j, d] = dv[e, j, d] + <floating> (prob * dout_row[d])
+                    value_acc[d] = value_acc[d] + prob * dout_row[d]
+            for d in range(width):
+                dk[e, j, d] = <floating> (acc[d] * scale)
+            for d in range(value_width):
+                dv[e, j, d] = <floating> value_acc[d]
+        free(acc)
+        free(value_acc)
     return dq_array, dk_array, dv_array

@@ -19,7 +19,7 @@ With the causal restriction j <= p (the paper's autoregressive case):
 
 The summary set of head h is s = h mod S, the c positions
 {l - c (s + 1), ..., l - c s - 1} of every block; with S = 1 every head
-uses the last c positions of each block. A1 holds l positions: the paper
+uses the last c positions of each block. A1 contains l positions: the paper
 writes l + 1 (t = max(0, p - l)), but p - l lies in A2 anyway, so the union
 is the same either way.
 

@@ -186,7 +186,9 @@ def test_method_object_protocol(rng):
     assert np.array_equal(seen[0, 1], method.mask(9, 9, causal=True, head=1))
     assert not np.array_equal(seen[0, 0], seen[0, 1])
     dq, dk, dv = method.backward(np.ones_like(out), cache)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dq.shape == q.shape
+    assert dk.shape == k.shape
+    assert dv.shape == v.shape
 
 
 def test_default_window_fits_short_sequences(rng):

@@ -174,7 +174,9 @@ def test_method_object_protocol(rng):
     expected, _ = dense_forward(q, k, v, mask=seen)
     assert np.max(np.abs(out - expected)) < 1e-12
     dq, dk, dv = method.backward(np.ones_like(out), cache)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dq.shape == q.shape
+    assert dk.shape == k.shape
+    assert dv.shape == v.shape
 
 
 def test_default_stride_is_ceil_sqrt():

@@ -10,7 +10,7 @@ forward plus backward, for
   (l keys per query), as used by the even layers of the alternating
   combination;
 - sparse_transformer merged: the causal strided A1 u A2 with l = ceil(sqrt(N)),
-  the paper's setting; it lists about 2 sqrt(N) keys per query, so its
+  the setting of Child et al. (2019); it lists about 2 sqrt(N) keys per query, so its
   exponent is expected near 1.5, not 1;
 - dense attention, only up to --dense-max because its (N, N) arrays grow
   quadratically.
@@ -177,7 +177,10 @@ def run_twin(args, dtype, repeat):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if args.sizes:
+        sizes = tuple(args.sizes)
+    else:
+        sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     repeat = 1 if args.quick else args.repeat
     if args.quick and args.twin_size == 16384:
         args.twin_size = 4096
