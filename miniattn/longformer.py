@@ -420,10 +420,14 @@ class LongformerAttention:
     """Longformer attention as a method object for MultiHeadAttention, bench and tour.
 
     Options: window (one-sided w; default min(256, M - 1) per call), dilation
-    (int or one per head), global_indices, scale, backend. The registry's
-    forward(q, k, v, mask=, causal=) has no global projections, so global
-    rows use q, k, v; forward also accepts q_global, k_global, v_global, and
-    backward then returns six gradients.
+    (int or one per head), global_indices, scale, backend. forward also
+    accepts q_global, k_global, v_global, and backward then returns six
+    gradients.
+
+    NOTE: the registry calls forward(q, k, v, mask=, causal=) with projected
+    heads only, so there the global rows reuse q, k, v (the paper's
+    initialisation of the global projections). Separate trained global
+    projections need the separate inputs or self_attention_forward.
     """
 
     name = "longformer"
