@@ -232,3 +232,31 @@ def test_sparse_int32_indices_and_strided_inputs(rng, backend):
         q_view, k, v, indptr.astype(np.int32), indices.astype(np.int32), backend=backend
     )
     assert np.array_equal(out, expected)
+
+
+def test_sparse_backends_agree_float32(rng):
+    if "cython" not in BACKENDS:
+        pytest.skip("the compiled extension is not built")
+    q, k, v = random_inputs(rng, leading=(2,), n_queries=30, n_keys=25, width=8, value_width=4, dtype=np.float32)
+    indptr, indices = random_pattern(rng, 30, 25, max_per_row=10)
+    dout = rng.standard_normal((2, 30, 4)).astype(np.float32)
+    results = {}
+    for backend in BACKENDS:
+        out, cache = sparse_attention_forward(q, k, v, indptr, indices, backend=backend)
+        results[backend] = (out,) + sparse_attention_backward(dout, cache)
+    for got, want in zip(results["cython"], results["numpy"]):
+        assert got.dtype == np.float32
+        assert max_error(got, want) < 1e-5
+
+
+def test_sparse_threads_share_the_kernel(rng):
+    # The compiled kernel releases the GIL; concurrent calls must give the serial results.
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [random_inputs(np.random.default_rng(seed), leading=(2,), n_queries=50, n_keys=40) for seed in range(4)]
+    indptr, indices = random_pattern(rng, 50, 40, max_per_row=20)
+    serial = [sparse_attention_forward(q, k, v, indptr, indices)[0] for q, k, v in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda qkv: sparse_attention_forward(*qkv, indptr, indices)[0], inputs))
+    for got, want in zip(parallel, serial):
+        assert np.array_equal(got, want)
