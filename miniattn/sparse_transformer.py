@@ -96,7 +96,7 @@ def check_pattern_options(*, pattern, stride, summary_width, n_summary_sets, com
 
 
 def resolve_stride(stride, n_keys, summary_width=None, n_summary_sets=None):
-    """Return the stride for M keys (default ceil(sqrt(M))), checked against M and c * S."""
+    """Return the stride for M keys, checked to be at most M; the default ceil(sqrt(M)) is raised to c * S if smaller."""
     check_int("n_keys", n_keys, minimum=0)
     if stride is None:
         stride = default_stride(n_keys)
