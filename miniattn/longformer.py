@@ -308,10 +308,10 @@ def attention_backward(dout, cache):
     if global_cache is not None:
         dq_global, dk_global, dv_global = multihead_sparse_backward(dout, global_cache)
     else:
-        _, q_shape, k_shape, v_shape = local_cache
-        dq_global = np.zeros(q_shape, dtype=dout.dtype)
-        dk_global = np.zeros(k_shape, dtype=dout.dtype)
-        dv_global = np.zeros(v_shape, dtype=dout.dtype)
+        _, q_shape, k_shape, v_shape, dtype = local_cache
+        dq_global = np.zeros(q_shape, dtype=dtype)
+        dk_global = np.zeros(k_shape, dtype=dtype)
+        dv_global = np.zeros(v_shape, dtype=dtype)
 
     # 1. Local rows.
     dq, dk, dv = multihead_sparse_backward(dout, local_cache)

@@ -224,3 +224,13 @@ def test_method_reuses_patterns_per_shape(rng):
     method.forward(q[:, :, :5], k, v)
     assert len(method.patterns) == 2
     assert np.array_equal(first, second)
+
+
+def test_float32_gradients_keep_input_dtype(rng):
+    q, k, v = (rng.standard_normal((1, 2, 9, 4)).astype(np.float32) for _ in range(3))
+    out, cache = st.attention_forward(q, k, v, stride=3)
+    assert out.dtype == np.float32
+    grads = st.attention_backward(rng.standard_normal(out.shape), cache)
+    assert [grad.dtype for grad in grads] == [np.float32] * 3
+    with pytest.raises(ValueError, match="dout has shape"):
+        st.attention_backward(np.zeros((1, 2, 9, 5)), cache)

@@ -432,15 +432,17 @@ def multihead_sparse_forward(q, k, v, patterns, *, mask=None, scale=None, backen
                 bias=sub_bias, scale=scale, backend=backend,
             )
             parts.append((rows, head, sub_indptr, sub_indices, part))
-    return out, (parts, q.shape, k.shape, v.shape)
+    return out, (parts, q.shape, k.shape, v.shape, q.dtype)
 
 
 def multihead_sparse_backward(dout, cache):
     """Backward of multihead_sparse_forward: returns (dq, dk, dv)."""
-    parts, q_shape, k_shape, v_shape = cache
-    dq = np.zeros(q_shape, dtype=dout.dtype)  # (B, H, N, D)
-    dk = np.zeros(k_shape, dtype=dout.dtype)  # (B, H, M, D)
-    dv = np.zeros(v_shape, dtype=dout.dtype)  # (B, H, M, Dv)
+    parts, q_shape, k_shape, v_shape, dtype = cache
+    if dout.shape != q_shape[:3] + v_shape[3:]:
+        raise ValueError(f"dout has shape {dout.shape}; expected the output shape {q_shape[:3] + v_shape[3:]}")
+    dq = np.zeros(q_shape, dtype=dtype)  # (B, H, N, D)
+    dk = np.zeros(k_shape, dtype=dtype)  # (B, H, M, D)
+    dv = np.zeros(v_shape, dtype=dtype)  # (B, H, M, Dv)
     for rows, head, _, _, part in parts:
         dq[rows, head], dk[rows, head], dv[rows, head] = sparse_attention_backward(
             np.ascontiguousarray(dout[rows, head]), part
@@ -450,7 +452,7 @@ def multihead_sparse_backward(dout, cache):
 
 def multihead_sparse_keys_seen(cache):
     """Return the bool (B, H, N, M) keys each query attended in a multihead_sparse_forward call."""
-    parts, q_shape, k_shape, _ = cache
+    parts, q_shape, k_shape, _, _ = cache
     seen = np.zeros(q_shape[:3] + (k_shape[2],), dtype=bool)  # (B, H, N, M)
     for rows, head, indptr, indices, _ in parts:
         allowed, _ = csr_to_dense(indptr, indices, k_shape[2])
