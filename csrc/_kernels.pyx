@@ -18,3 +18,4 @@ from cython cimport floating
 cnp.import_array()
 
 include "rows.pxi"
+include "hashing.pxi"

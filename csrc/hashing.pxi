@@ -1,0 +1,95 @@
+# Angular LSH bucketing and the counting sort by bucket.
+# Included by _kernels.pyx; NumPy twins in miniattn/core/hashing.py.
+
+from cython.parallel cimport prange
+
+
+def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
+    """Return bucket ids (G, K, length) from projections x R of shape (G, N, K, h).
+
+    Same contract as lsh_buckets_reference: entry [g, r, t] is
+    r (nb + 1) + argmax([p, -p]) for t < N, the first maximum winning ties
+    (a strict > comparison keeps the earliest index), and r (nb + 1) + nb
+    for N <= t < length.
+    """
+    cdef Py_ssize_t n_groups = projected.shape[0]
+    cdef Py_ssize_t n_positions = projected.shape[1]
+    cdef Py_ssize_t n_rounds = projected.shape[2]
+    cdef Py_ssize_t half = projected.shape[3]
+    cdef Py_ssize_t n_buckets = 2 * half
+    cdef Py_ssize_t n_items = n_groups * n_rounds * length
+    cdef Py_ssize_t item, g, r, t, j, best_index, lowest_index
+    cdef floating best, lowest, value
+    out_array = np.empty((n_groups, n_rounds, length), dtype=np.int64)
+    cdef cnp.int64_t[:, :, ::1] out = out_array
+    with nogil:
+        for item in prange(n_items, schedule="static"):
+            g = item // (n_rounds * length)
+            r = (item // length) % n_rounds
+            t = item % length
+            if t >= n_positions:
+                out[g, r, t] = r * (n_buckets + 1) + n_buckets
+                continue
+            # The candidates in argmax order are +p_0 .. +p_{h-1}, then
+            # -p_0 .. -p_{h-1}. One pass finds the first maximum of p and the
+            # first minimum of p (the first maximum of -p); on equality the
+            # +p candidate comes first, so it wins.
+            best = projected[g, t, r, 0]
+            best_index = 0
+            lowest = best
+            lowest_index = 0
+            for j in range(1, half):
+                value = projected[g, t, r, j]
+                if value > best:
+                    best = value
+                    best_index = j
+                elif value < lowest:
+                    lowest = value
+                    lowest_index = j
+            if -lowest > best:
+                best_index = half + lowest_index
+            out[g, r, t] = r * (n_buckets + 1) + best_index
+    return out_array
+
+
+def lsh_sort(const cnp.int64_t[:, ::1] buckets, Py_ssize_t length):
+    """Return (sticker, undo), both (G, K L), sorting items by (bucket id, position).
+
+    Same contract as lsh_sort_reference. A counting sort over the bucket ids:
+    items are placed in increasing item order s, so within one id (one round
+    and one bucket) they stay in position order, which is the tie-break of
+    the reference's key L * id + (s mod L). length is taken only to match
+    the reference's signature: the ids already separate the rounds.
+    """
+    cdef Py_ssize_t n_groups = buckets.shape[0]
+    cdef Py_ssize_t n_items = buckets.shape[1]
+    cdef Py_ssize_t g, s, place, n_ids = 1
+    cdef cnp.int64_t total, count
+    for g in range(n_groups):
+        for s in range(n_items):
+            if buckets[g, s] + 1 > n_ids:
+                n_ids = buckets[g, s] + 1
+    sticker_array = np.empty((n_groups, n_items), dtype=np.int64)
+    undo_array = np.empty((n_groups, n_items), dtype=np.int64)
+    starts_array = np.zeros((n_groups, n_ids), dtype=np.int64)
+    cdef cnp.int64_t[:, ::1] sticker = sticker_array
+    cdef cnp.int64_t[:, ::1] undo = undo_array
+    cdef cnp.int64_t[:, ::1] starts = starts_array
+    with nogil:
+        for g in prange(n_groups, schedule="static"):
+            # 1. Count the items of each id.
+            for s in range(n_items):
+                starts[g, buckets[g, s]] += 1
+            # 2. Exclusive prefix sum: the first sorted place of each id.
+            total = 0
+            for s in range(n_ids):
+                count = starts[g, s]
+                starts[g, s] = total
+                total = total + count
+            # 3. Place items in increasing s (stable), and record the inverse.
+            for s in range(n_items):
+                place = starts[g, buckets[g, s]]
+                starts[g, buckets[g, s]] = place + 1
+                sticker[g, place] = s
+                undo[g, s] = place
+    return sticker_array, undo_array
