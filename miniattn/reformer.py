@@ -58,7 +58,7 @@ the compiled counting sort), attention O(K N c D) time and O(K N c) memory for
 the chunk scores: linear in N for a fixed chunk length.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -563,3 +563,403 @@ def chunked_feed_forward_backward(dy, cache):
         dx_pieces.append(dx_piece)
         totals = dparams if totals is None else [total + grad for total, grad in zip(totals, dparams)]
     return (np.concatenate(dx_pieces, axis=-2), *totals)
+
+
+# --- reversible residual layers ----------------------------------------------------------
+
+LAYER_PARAM_NAMES = (
+    "ln1_gamma", "ln1_beta", "W_qk", "W_v", "W_o", "b_o",
+    "ln2_gamma", "ln2_beta", "W1", "b1", "W2", "b2",
+)
+
+
+@dataclass
+class ReformerLayer:
+    """The parameters and settings of one reversible layer.
+
+    params holds ln1_gamma, ln1_beta (C,), W_qk, W_v, W_o (C, C) and b_o (C,)
+    for F, and ln2_gamma, ln2_beta (C,), W1 (C, F), b1 (F,), W2 (F, C) and
+    b2 (C,) for G. rotations (K, D, nb / 2) are the layer's hashing
+    directions: random but fixed, not trained.
+    """
+
+    params: dict
+    rotations: np.ndarray
+    n_heads: int
+    n_buckets: int
+    chunk_length: int
+    causal: bool = False
+    dedup: bool = False
+    dropout: float = 0.0
+    ff_chunks: int = 1
+    activation: str = "relu"
+
+
+def init_reformer_layer(
+    width,
+    n_heads,
+    ff_width,
+    rng,
+    *,
+    n_buckets,
+    chunk_length,
+    n_rounds=1,
+    causal=False,
+    dedup=False,
+    dropout=0.0,
+    ff_chunks=1,
+    activation="relu",
+    dtype=np.float64,
+):
+    """Draw a ReformerLayer: Glorot-uniform weights, unit LayerNorm gains, zero biases, rotations."""
+    check_generator("rng", rng)
+    check_int("width", width, minimum=1)
+    check_int("n_heads", n_heads, minimum=1)
+    check_int("ff_width", ff_width, minimum=1)
+    check_real("dropout", dropout, minimum=0.0, maximum=1.0)
+    if width % n_heads:
+        raise ValueError(f"width={width} is not divisible by n_heads={n_heads}; expected width = n_heads * head width")
+
+    def glorot(fan_in, fan_out):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(dtype)
+
+    params = {
+        "ln1_gamma": np.ones(width, dtype=dtype),
+        "ln1_beta": np.zeros(width, dtype=dtype),
+        "W_qk": glorot(width, width),
+        "W_v": glorot(width, width),
+        "W_o": glorot(width, width),
+        "b_o": np.zeros(width, dtype=dtype),
+        "ln2_gamma": np.ones(width, dtype=dtype),
+        "ln2_beta": np.zeros(width, dtype=dtype),
+        "W1": glorot(width, ff_width),
+        "b1": np.zeros(ff_width, dtype=dtype),
+        "W2": glorot(ff_width, width),
+        "b2": np.zeros(width, dtype=dtype),
+    }
+    rotations = draw_rotations(rng, n_rounds, width // n_heads, n_buckets, dtype=dtype)
+    return ReformerLayer(
+        params, rotations, n_heads, n_buckets, chunk_length,
+        causal=causal, dedup=dedup, dropout=dropout, ff_chunks=ff_chunks, activation=activation,
+    )
+
+
+def dropout_mask_from_seed(seed, shape, p, dtype):
+    """Return the scaled keep-mask drawn from default_rng(seed), or None without dropout.
+
+    Storing a seed instead of the mask keeps the stored state of a
+    reversible stack small; the backward regenerates the identical mask.
+    """
+    if p == 0.0 or seed is None:
+        return None
+    keep = np.random.default_rng(seed).random(shape) >= p
+    return keep.astype(dtype) / dtype.type(1.0 - p)
+
+
+def attention_block_forward(x, layer, *, buckets=None, dropout_seed=None):
+    """F(x) = dropout(LSHAttention(LayerNorm(x)) W_o + b_o) for x (B, N, C).
+
+    buckets (B, H, K, N) freezes the hashing (the backward's recomputation
+    passes the forward's); otherwise qk is hashed with layer.rotations.
+    Returns (y, cache); cache["attention"]["buckets"] holds the buckets used.
+    """
+    params, n_heads = layer.params, layer.n_heads
+
+    # 1. Normalise.
+    normed, ln_cache = layer_norm_forward(x, params["ln1_gamma"], params["ln1_beta"])  # (B, N, C)
+
+    # 2. One shared query-key projection and a value projection, split into heads.
+    qk_flat, qk_cache = linear_forward(normed, params["W_qk"])  # (B, N, C)
+    v_flat, v_cache = linear_forward(normed, params["W_v"])  # (B, N, C)
+    qk, v = split_heads(qk_flat, n_heads), split_heads(v_flat, n_heads)  # (B, H, N, D)
+
+    # 3. LSH attention in every head.
+    hashing = {"rotations": layer.rotations} if buckets is None else {"buckets": buckets}
+    heads, attention_cache = lsh_attention_forward(
+        qk, v,
+        n_buckets=layer.n_buckets,
+        chunk_length=layer.chunk_length,
+        causal=layer.causal,
+        dedup=layer.dedup,
+        **hashing,
+    )  # (B, H, N, D)
+
+    # 4. Merge the heads and project out.
+    projected, out_cache = linear_forward(merge_heads(heads), params["W_o"], params["b_o"])  # (B, N, C)
+
+    # 5. Dropout, with a mask regenerated from the seed.
+    mask = dropout_mask_from_seed(dropout_seed, projected.shape, layer.dropout, projected.dtype)
+    y, dropout_cache = dropout_forward(projected, layer.dropout, mask=mask)
+    cache = {
+        "layer_norm": ln_cache, "qk": qk_cache, "v": v_cache, "attention": attention_cache,
+        "out": out_cache, "dropout": dropout_cache, "n_heads": n_heads,
+    }
+    return y, cache
+
+
+def attention_block_backward(dy, cache):
+    """Backward of attention_block_forward. Returns (dx, dparams) with F's six parameter gradients."""
+    n_heads = cache["n_heads"]
+    # 5. y = dropout(projected)
+    dprojected = dropout_backward(dy, cache["dropout"])
+    # 4. projected = merge(heads) W_o + b_o
+    dmerged, dw_o, db_o = linear_backward(dprojected, cache["out"])
+    # 3. heads = LSH attention(qk, v)
+    dqk, dv = lsh_attention_backward(split_heads(dmerged, n_heads), cache["attention"])
+    # 2. qk and v both read normed (a fork: their gradients add).
+    dnormed, dw_qk, _ = linear_backward(merge_heads(dqk), cache["qk"])
+    dnormed_v, dw_v, _ = linear_backward(merge_heads(dv), cache["v"])
+    dnormed += dnormed_v
+    # 1. normed = LayerNorm(x)
+    dx, dgamma, dbeta = layer_norm_backward(dnormed, cache["layer_norm"])
+    dparams = {"ln1_gamma": dgamma, "ln1_beta": dbeta, "W_qk": dw_qk, "W_v": dw_v, "W_o": dw_o, "b_o": db_o}
+    return dx, dparams
+
+
+def feed_forward_block_forward(x, layer, *, dropout_seed=None):
+    """G(x) = dropout(ChunkedFF(LayerNorm(x))) for x (B, N, C). Returns (y, cache)."""
+    params = layer.params
+    # 1. Normalise.
+    normed, ln_cache = layer_norm_forward(x, params["ln2_gamma"], params["ln2_beta"])  # (B, N, C)
+    # 2. Feed-forward, a chunk of positions at a time.
+    hidden, ff_cache = chunked_feed_forward_forward(
+        normed, params["W1"], params["b1"], params["W2"], params["b2"],
+        n_chunks=layer.ff_chunks, activation=layer.activation,
+    )  # (B, N, C)
+    # 3. Dropout, with a mask regenerated from the seed.
+    mask = dropout_mask_from_seed(dropout_seed, hidden.shape, layer.dropout, hidden.dtype)
+    y, dropout_cache = dropout_forward(hidden, layer.dropout, mask=mask)
+    return y, {"layer_norm": ln_cache, "ff": ff_cache, "dropout": dropout_cache}
+
+
+def feed_forward_block_backward(dy, cache):
+    """Backward of feed_forward_block_forward. Returns (dx, dparams) with G's six parameter gradients."""
+    # 3. y = dropout(hidden)
+    dhidden = dropout_backward(dy, cache["dropout"])
+    # 2. hidden = ChunkedFF(normed)
+    dnormed, dw1, db1, dw2, db2 = chunked_feed_forward_backward(dhidden, cache["ff"])
+    # 1. normed = LayerNorm(x)
+    dx, dgamma, dbeta = layer_norm_backward(dnormed, cache["layer_norm"])
+    return dx, {"ln2_gamma": dgamma, "ln2_beta": dbeta, "W1": dw1, "b1": db1, "W2": dw2, "b2": db2}
+
+
+def _new_record(layer, rng):
+    """Start a layer record: no buckets yet, and two dropout seeds (F, G) when dropout is on."""
+    seeds = (None, None)
+    if layer.dropout > 0.0:
+        if rng is None:
+            raise ValueError(f"dropout={layer.dropout} needs rng (a numpy.random.Generator) or a record to replay")
+        check_generator("rng", rng)
+        seeds = tuple(int(seed) for seed in rng.integers(0, 2**63 - 1, size=2))
+    return {"buckets": None, "dropout_seeds": seeds}
+
+
+def reversible_layer_forward(x1, x2, layer, *, rng=None, record=None):
+    """One reversible layer: Y1 = X1 + F(X2), Y2 = X2 + G(Y1), for x1, x2 (B, N, C).
+
+    record replays an earlier call's buckets and dropout masks; without it,
+    buckets come from hashing and dropout seeds from rng. Returns
+    (y1, y2, record); the record (buckets (B, H, K, N) and two seeds) is all
+    the backward needs besides y1 and y2. No activation is kept.
+    """
+    record = _new_record(layer, rng) if record is None else record
+    seed_f, seed_g = record["dropout_seeds"]
+
+    # 1. Y1 = X1 + F(X2)
+    f_out, f_cache = attention_block_forward(x2, layer, buckets=record["buckets"], dropout_seed=seed_f)
+    y1 = x1 + f_out
+
+    # 2. Y2 = X2 + G(Y1)
+    g_out, _ = feed_forward_block_forward(y1, layer, dropout_seed=seed_g)
+    y2 = x2 + g_out
+    return y1, y2, {"buckets": f_cache["attention"]["buckets"], "dropout_seeds": record["dropout_seeds"]}
+
+
+def reversible_layer_backward(y1, y2, dy1, dy2, layer, record):
+    """Recompute a reversible layer's inputs from its outputs and backpropagate.
+
+    Returns (x1, x2, dx1, dx2, dparams). F and G are recomputed with the
+    recorded buckets and dropout masks: hashing the reconstructed X2 again
+    could pick other buckets and give wrong gradients.
+    """
+    seed_f, seed_g = record["dropout_seeds"]
+
+    # 2. Y2 = X2 + G(Y1): recompute G(Y1), recover X2, and send dY2 through G into dY1.
+    g_out, g_cache = feed_forward_block_forward(y1, layer, dropout_seed=seed_g)
+    x2 = y2 - g_out
+    dg_in, dparams = feed_forward_block_backward(dy2, g_cache)
+    dy1 = dy1 + dg_in
+    del g_cache
+
+    # 1. Y1 = X1 + F(X2): recompute F(X2) with the same buckets, recover X1, send dY1 through F.
+    f_out, f_cache = attention_block_forward(x2, layer, buckets=record["buckets"], dropout_seed=seed_f)
+    x1 = y1 - f_out
+    df_in, f_grads = attention_block_backward(dy1, f_cache)
+    dparams.update(f_grads)
+    dx2 = dy2 + df_in
+    dx1 = dy1
+    return x1, x2, dx1, dx2, dparams
+
+
+def reversible_stack_forward(x, layers, *, rng=None, records=None):
+    """Run reversible layers on x (B, N, C) with X1 = X2 = x; out = (Y1 + Y2) / 2.
+
+    Returns (out, cache). The cache holds the top outputs Y1, Y2 and one
+    small record per layer (buckets, dropout seeds), never activations:
+    the backward recomputes them layer by layer.
+    """
+    check_float_array("x", x, min_ndim=3)
+    records = [None] * len(layers) if records is None else records
+    if len(records) != len(layers):
+        raise ValueError(f"got {len(records)} records for {len(layers)} layers")
+    y1, y2 = x, x
+    new_records = []
+    for layer, record in zip(layers, records):
+        y1, y2, record = reversible_layer_forward(y1, y2, layer, rng=rng, record=record)
+        new_records.append(record)
+    out = 0.5 * (y1 + y2)  # (B, N, C)
+    return out, {"y1": y1, "y2": y2, "layers": layers, "records": new_records}
+
+
+def reversible_stack_backward(dout, cache):
+    """Backward of reversible_stack_forward. Returns (dx, dparams per layer, bottom-up)."""
+    y1, y2, layers, records = cache["y1"], cache["y2"], cache["layers"], cache["records"]
+    # out = (Y1 + Y2) / 2
+    dy1 = dy2 = 0.5 * dout
+    grads = []
+    for layer, record in zip(reversed(layers), reversed(records)):
+        y1, y2, dy1, dy2, dparams = reversible_layer_backward(y1, y2, dy1, dy2, layer, record)
+        grads.append(dparams)
+    # X1 = X2 = x (a fork: the two gradients add).
+    return dy1 + dy2, grads[::-1]
+
+
+def ordinary_stack_forward(x, layers, *, rng=None, records=None):
+    """The same network as reversible_stack_forward, keeping every activation for the backward.
+
+    Returns (out, cache) with the same out; the cache holds F's and G's
+    caches for every layer, so its memory grows with depth.
+    """
+    check_float_array("x", x, min_ndim=3)
+    records = [None] * len(layers) if records is None else records
+    if len(records) != len(layers):
+        raise ValueError(f"got {len(records)} records for {len(layers)} layers")
+    y1, y2 = x, x
+    caches, new_records = [], []
+    for layer, record in zip(layers, records):
+        record = _new_record(layer, rng) if record is None else record
+        seed_f, seed_g = record["dropout_seeds"]
+        f_out, f_cache = attention_block_forward(y2, layer, buckets=record["buckets"], dropout_seed=seed_f)
+        y1 = y1 + f_out
+        g_out, g_cache = feed_forward_block_forward(y1, layer, dropout_seed=seed_g)
+        y2 = y2 + g_out
+        caches.append((f_cache, g_cache))
+        new_records.append({"buckets": f_cache["attention"]["buckets"], "dropout_seeds": record["dropout_seeds"]})
+    out = 0.5 * (y1 + y2)  # (B, N, C)
+    return out, {"caches": caches, "records": new_records}
+
+
+def ordinary_stack_backward(dout, cache):
+    """Backward of ordinary_stack_forward from the stored caches. Returns (dx, dparams per layer)."""
+    dy1 = dy2 = 0.5 * dout
+    grads = []
+    for f_cache, g_cache in reversed(cache["caches"]):
+        # Y2 = X2 + G(Y1)
+        dg_in, dparams = feed_forward_block_backward(dy2, g_cache)
+        dy1 = dy1 + dg_in
+        # Y1 = X1 + F(X2)
+        df_in, f_grads = attention_block_backward(dy1, f_cache)
+        dparams.update(f_grads)
+        dy2 = dy2 + df_in
+        grads.append(dparams)
+    return dy1 + dy2, grads[::-1]
+
+
+# --- gradient-check cases --------------------------------------------------------------------
+
+
+def frozen_lsh_attention(qk, v, rotations, **options):
+    """Return (forward, backward) for LSH attention with the buckets of (qk, rotations) frozen.
+
+    The forward rehashes its input on every call and counts the calls whose
+    buckets differ from the frozen ones in forward.moved_calls: a finite-difference
+    step that moves a token to another bucket makes that count positive.
+    """
+    _, first = lsh_attention_forward(qk, v, rotations=rotations, **options)
+    frozen = first["buckets"]
+
+    def forward(qk, v):
+        _, probe = lsh_attention_forward(qk, v, rotations=rotations, **options)
+        if not np.array_equal(probe["buckets"], frozen):
+            forward.moved_calls += 1
+        return lsh_attention_forward(qk, v, buckets=frozen, **options)
+
+    forward.moved_calls = 0
+    return forward, lsh_attention_backward
+
+
+def frozen_reversible_layer(x1, x2, layer, rng, param_names):
+    """Return (forward, backward) of one reversible layer over (x1, x2, *params) with a frozen record.
+
+    The record (buckets and dropout seeds) comes from one forward at the
+    given inputs; the closures then vary x1, x2 and the named parameters.
+    """
+    _, _, record = reversible_layer_forward(x1, x2, layer, rng=rng)
+
+    def with_params(values):
+        return replace(layer, params={**layer.params, **dict(zip(param_names, values))})
+
+    def forward(x1, x2, *values):
+        current = with_params(values)
+        y1, y2, _ = reversible_layer_forward(x1, x2, current, record=record)
+        return (y1, y2), (y1, y2, current)
+
+    def backward(dout, cache):
+        y1, y2, current = cache
+        _, _, dx1, dx2, dparams = reversible_layer_backward(y1, y2, dout[0], dout[1], current, record)
+        return (dx1, dx2, *(dparams[name] for name in param_names))
+
+    return forward, backward
+
+
+def gradcheck_cases(rng):
+    """Small float64 cases for ``python -m miniattn gradcheck reformer``.
+
+    Returns (label, forward, backward, inputs, names) tuples. Buckets and
+    dropout masks are frozen at the first forward, because they are
+    piecewise constant in the inputs.
+    """
+    cases = []
+    for label, n_positions, chunk_length, n_rounds, causal, dedup in (
+        ("LSH attention, 2 rounds, N=7, c=3", 7, 3, 2, False, False),
+        ("LSH attention, causal, dedup, 3 rounds", 6, 2, 3, True, True),
+    ):
+        qk = rng.standard_normal((1, 2, n_positions, 4))
+        v = rng.standard_normal((1, 2, n_positions, 3))
+        rotations = draw_rotations(rng, n_rounds, 4, 4)
+        options = {"n_buckets": 4, "chunk_length": chunk_length, "causal": causal, "dedup": dedup}
+        forward, backward = frozen_lsh_attention(qk, v, rotations, **options)
+        cases.append((label, forward, backward, [qk, v], ["qk", "v"]))
+
+    x = rng.standard_normal((2, 5, 4))
+    w1, b1 = rng.standard_normal((4, 6)), rng.standard_normal(6)
+    w2, b2 = rng.standard_normal((6, 4)), rng.standard_normal(4)
+
+    def ff_forward(x, w1, b1, w2, b2):
+        return chunked_feed_forward_forward(x, w1, b1, w2, b2, n_chunks=3, activation="gelu")
+
+    cases.append((
+        "chunked feed-forward, 3 chunks of N=5", ff_forward, chunked_feed_forward_backward,
+        [x, w1, b1, w2, b2], ["x", "W1", "b1", "W2", "b2"],
+    ))
+
+    layer = init_reformer_layer(4, 2, 8, rng, n_buckets=4, chunk_length=2, n_rounds=2, dropout=0.2, ff_chunks=2)
+    x1, x2 = rng.standard_normal((1, 5, 4)), rng.standard_normal((1, 5, 4))
+    names = ("W_qk", "W_v", "W_o", "ln1_gamma", "W1", "ln2_beta")
+    forward, backward = frozen_reversible_layer(x1, x2, layer, rng, names)
+    cases.append((
+        "reversible layer, dropout 0.2", forward, backward,
+        [x1, x2, *(layer.params[name] for name in names)], ["x1", "x2", *names],
+    ))
+    return cases
