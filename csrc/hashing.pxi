@@ -1,7 +1,13 @@
 # Angular LSH bucketing and the counting sort by bucket.
 # Included by _kernels.pyx; NumPy twins in miniattn/core/hashing.py.
 
+import os
+
 from cython.parallel cimport prange
+
+# Below this much work (items times rotation columns) the bucketing runs on one
+# thread: starting an OpenMP team costs more than it saves on small inputs.
+cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 18
 
 
 def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
@@ -20,10 +26,13 @@ def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
     cdef Py_ssize_t n_items = n_groups * n_rounds * length
     cdef Py_ssize_t item, g, r, t, j, best_index, lowest_index
     cdef floating best, lowest, value
+    cdef int n_threads = 1
+    if n_items * half >= PARALLEL_MIN_WORK:
+        n_threads = os.cpu_count() or 1
     out_array = np.empty((n_groups, n_rounds, length), dtype=np.int64)
     cdef cnp.int64_t[:, :, ::1] out = out_array
     with nogil:
-        for item in prange(n_items, schedule="static"):
+        for item in prange(n_items, schedule="static", num_threads=n_threads):
             g = item // (n_rounds * length)
             r = (item // length) % n_rounds
             t = item % length
@@ -76,7 +85,7 @@ def lsh_sort(const cnp.int64_t[:, ::1] buckets, Py_ssize_t length):
     cdef cnp.int64_t[:, ::1] undo = undo_array
     cdef cnp.int64_t[:, ::1] starts = starts_array
     with nogil:
-        for g in prange(n_groups, schedule="static"):
+        for g in range(n_groups):
             # 1. Count the items of each id.
             for s in range(n_items):
                 starts[g, buckets[g, s]] += 1
