@@ -1,8 +1,9 @@
 """Reformer (Kitaev, Kaiser and Levskaya, 2020): LSH attention, reversible layers, chunked FF.
 
 Letters: B batch, H heads, N positions, D head width, Dv value width, C model
-width, K hash rounds, c chunk length, nb buckets per round, L padded length
-(the multiple of c at or above N), G flattened leading (batch, head) axes.
+width, K hash rounds, c chunk length, nb buckets per round. L is the padded
+length, the multiple of c at or above N. G counts the flattened leading
+(batch, head) axes.
 
 LSH attention. Queries and keys share one projection (shared QK), so a query
 is most likely to attend the keys pointing in its own direction. Angular LSH
@@ -14,9 +15,9 @@ and attention is restricted to a few neighbours in bucket order:
        position), and gather qk and v into that order
     3. split the sorted sequence into K L / c chunks of c items; each chunk
        attends to itself and to the previous chunk (chunk 0 wraps around to
-       the last chunk), with scores s_ij = q_i . k_j / |k_j|, keys normalised
-       to unit length and no further 1/sqrt(D) (the trax and Hugging Face
-       scaling; queries are not normalised)
+       the last chunk), with scores s_ij = q_i . k_j / |k_j|: keys are
+       normalised to unit length, queries are not, and no 1/sqrt(D) is
+       applied (the query length acts as a learned temperature)
     4. masks: a key at a later original position than the query is removed
        when causal, padded and masked keys are removed, and a query's own key
        gets SELF_PENALTY subtracted from its score
@@ -32,7 +33,7 @@ fully masked row.
 
 A key met several times. Let n_ij count the windows (over all rounds, and
 twice when a single chunk is its own previous chunk) in which query i meets
-key j. Without deduplication (dedup=False, the Hugging Face behaviour) the
+key j. Without deduplication (dedup=False, the default) the
 combined output equals dense attention over the union of the windows with a
 logit bias of +log n_ij: a key met twice counts twice. With dedup=True every
 window subtracts log n_ij from that score, and the combined output equals
@@ -55,7 +56,10 @@ activation memory of the backward is that of one layer whatever the depth.
 
 Complexity per head: hashing O(K N D nb), sorting O(K N log N) (O(K N) with
 the compiled counting sort), attention O(K N c D) time and O(K N c) memory for
-the chunk scores: linear in N for a fixed chunk length.
+the chunk scores: linear in N for a fixed chunk length. With nb = 2 N / c the
+hashing term grows as N^2 / c, but with a small constant (one matmul).
+NOTE: factorised buckets, which keep hashing linear for very large nb, are
+not implemented.
 """
 
 from dataclasses import dataclass, replace
@@ -85,7 +89,7 @@ from .nn.functional import (
 )
 from .transformer import merge_heads, split_heads
 
-# Subtracted from a query's score on its own key (trax subtracts 1e5 as well).
+# Subtracted from a query's score on its own key: finite, so a lone query still attends itself.
 SELF_PENALTY = 1e5
 
 
@@ -165,8 +169,9 @@ def window_counts_per_slot(undo, query_positions, key_positions, n_rounds, chunk
     """Return n_ij for every (query, key) slot of the chunk windows, (G, n, c, 2c).
 
     n_ij counts the windows over all rounds in which query position i meets
-    key position j. Item (r', j) lies in chunk undo // c; query item (r, i)
-    sees it once for each of "same chunk" and "previous chunk, wrapping".
+    key position j. Item (r', j) lies in chunk undo // c. Query item (r, i)
+    meets it once if they share a chunk and once if it lies in the previous
+    chunk (wrapping).
     Memory stays linear in N: K^2 passes over the slots.
     """
     n_groups = undo.shape[0]
@@ -260,7 +265,7 @@ def lsh_attention_forward(
       of an earlier call (gradient checks and reversible layers use this)
     - causal: remove keys at later original positions than the query
     - dedup: subtract log n_ij so a key met in several windows counts once
-    - key_mask: optional bool (..., N), False for keys nobody may attend
+    - key_mask: optional bool (..., N), False for keys that no query may attend
     - backend: "numpy" or "cython" for hashing, sorting and gathers (default: active)
 
     Returns (out, cache): out (..., N, Dv); the cache holds the buckets (..., K, N)
@@ -454,8 +459,8 @@ class LSHAttention:
     """Reformer's shared-QK LSH attention as an attention method object.
 
     Shared QK: forward(q, k, v) attends with q as the queries and q / |q| as
-    the keys. k takes no part (it must have q's shape, and backward returns a
-    zero dk); a model that wants Reformer attention projects one shared
+    the keys. k takes no part: it must have q's shape, and backward returns a
+    zero dk. A model that wants Reformer attention projects one shared
     query-key tensor and passes it as q. Rotations (K, D, nb / 2) are drawn
     from rng at the first forward, for that head width, and kept; every
     batch entry and head shares them. Only key padding masks, shaped
@@ -756,7 +761,7 @@ def _new_record(layer, rng):
 
 
 def reversible_layer_forward(x1, x2, layer, *, rng=None, record=None):
-    """One reversible layer: Y1 = X1 + F(X2), Y2 = X2 + G(Y1), for x1, x2 (B, N, C).
+    """Run one reversible layer: Y1 = X1 + F(X2), Y2 = X2 + G(Y1), for x1, x2 (B, N, C).
 
     record replays an earlier call's buckets and dropout masks; without it,
     buckets come from hashing and dropout seeds from rng. Returns
@@ -836,7 +841,7 @@ def reversible_stack_backward(dout, cache):
 
 
 def ordinary_stack_forward(x, layers, *, rng=None, records=None):
-    """The same network as reversible_stack_forward, keeping every activation for the backward.
+    """Run the network of reversible_stack_forward, keeping every activation for the backward.
 
     Returns (out, cache) with the same out; the cache holds F's and G's
     caches for every layer, so its memory grows with depth.

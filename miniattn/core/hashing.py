@@ -49,8 +49,8 @@ from .validate import check_float_array, check_generator, check_int
 def draw_rotations(rng, n_rounds, width, n_buckets, *, dtype=np.float64):
     """Draw the random matrices of angular LSH: (K, D, nb / 2) i.i.d. standard normal.
 
-    They are not orthogonalised (Reformer's references draw plain Gaussian
-    matrices too). rng is a numpy.random.Generator, so the draw is repeatable.
+    The columns are not orthogonalised. rng is a numpy.random.Generator, so
+    the draw is repeatable.
     """
     check_generator("rng", rng)
     check_int("n_rounds", n_rounds, minimum=1)
