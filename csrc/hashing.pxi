@@ -24,7 +24,7 @@ def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
     cdef Py_ssize_t half = projected.shape[3]
     cdef Py_ssize_t n_buckets = 2 * half
     cdef Py_ssize_t n_items = n_groups * n_rounds * length
-    cdef Py_ssize_t item, g, r, t, j, best_index, lowest_index
+    cdef Py_ssize_t item, g, r, t, j, best_index
     cdef floating best, lowest, value
     cdef int n_threads = 1
     if n_items * half >= PARALLEL_MIN_WORK:
@@ -40,23 +40,26 @@ def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
                 out[g, r, t] = r * (n_buckets + 1) + n_buckets
                 continue
             # The candidates in argmax order are +p_0 .. +p_{h-1}, then
-            # -p_0 .. -p_{h-1}. One pass finds the first maximum of p and the
-            # first minimum of p (the first maximum of -p); on equality the
-            # +p candidate comes first, so it wins.
+            # -p_0 .. -p_{h-1}. A branch-free pass finds max(p) and min(p);
+            # the winner is +max(p) unless -min(p) is strictly larger (on
+            # equality the +p candidate comes first). A second pass finds the
+            # first position holding the winning value: the first maximum.
             best = projected[g, t, r, 0]
-            best_index = 0
             lowest = best
-            lowest_index = 0
             for j in range(1, half):
                 value = projected[g, t, r, j]
-                if value > best:
-                    best = value
-                    best_index = j
-                elif value < lowest:
-                    lowest = value
-                    lowest_index = j
+                best = value if value > best else best
+                lowest = value if value < lowest else lowest
             if -lowest > best:
-                best_index = half + lowest_index
+                j = 0
+                while projected[g, t, r, j] != lowest:
+                    j = j + 1
+                best_index = half + j
+            else:
+                j = 0
+                while projected[g, t, r, j] != best:
+                    j = j + 1
+                best_index = j
             out[g, r, t] = r * (n_buckets + 1) + best_index
     return out_array
 
