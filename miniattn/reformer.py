@@ -192,8 +192,39 @@ def window_counts_per_slot(undo, query_positions, key_positions, n_rounds, chunk
     return counts
 
 
+def _check_frozen_buckets(buckets, qk, n_buckets):
+    """Check frozen bucket ids (..., K, N) in [0, nb) against qk (..., N, D); return them as an array."""
+    buckets = np.asarray(buckets)
+    if not np.issubdtype(buckets.dtype, np.integer):
+        raise TypeError(f"buckets has dtype {buckets.dtype}; expected integer bucket ids")
+    n_positions = qk.shape[-2]
+    if buckets.ndim != qk.ndim or buckets.shape[:-2] != qk.shape[:-2] or buckets.shape[-1] != n_positions:
+        raise ValueError(
+            f"buckets has shape {buckets.shape}; expected {qk.shape[:-2] + ('K', n_positions)} "
+            f"(leading axes of qk, rounds, positions)"
+        )
+    if buckets.shape[-2] < 1 or buckets.min() < 0 or buckets.max() >= n_buckets:
+        raise ValueError(
+            f"buckets must hold ids in [0, {n_buckets}) for at least one round, got shape "
+            f"{buckets.shape} with values from {buckets.min(initial=0)} to {buckets.max(initial=0)}"
+        )
+    return buckets
+
+
+def _broadcast_key_mask(key_mask, qk):
+    """Check a boolean key mask and broadcast it to qk's (..., N)."""
+    if not isinstance(key_mask, np.ndarray) or key_mask.dtype != np.bool_:
+        raise TypeError(f"key_mask must be a boolean numpy.ndarray (..., N), got {type(key_mask).__name__}")
+    try:
+        return np.broadcast_to(key_mask, qk.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"key_mask has shape {key_mask.shape}; expected a shape broadcastable to {qk.shape[:-1]} (..., N)"
+        ) from None
+
+
 def _check_lsh_options(qk, v, n_buckets, chunk_length, rotations, buckets, key_mask):
-    """Validate the inputs of lsh_attention_forward; return (buckets, key_mask) broadcast or None."""
+    """Validate the inputs of lsh_attention_forward; return (buckets, key_mask), checked or None."""
     check_float_array("qk", qk, min_ndim=2)
     check_float_array("v", v, min_ndim=2)
     check_same_dtype(qk=qk, v=v)
@@ -201,6 +232,7 @@ def _check_lsh_options(qk, v, n_buckets, chunk_length, rotations, buckets, key_m
         raise ValueError(
             f"v has shape {v.shape}; expected the leading axes and length of qk {qk.shape} (..., N, Dv)"
         )
+
     n_positions = qk.shape[-2]
     check_n_buckets(n_buckets)
     check_int("chunk_length", chunk_length)
@@ -209,33 +241,16 @@ def _check_lsh_options(qk, v, n_buckets, chunk_length, rotations, buckets, key_m
             f"chunk_length={chunk_length} does not fit a sequence of N={n_positions} positions; "
             f"expected 1 <= chunk_length <= N (chunk_length=N gives a single chunk)"
         )
+
     if (rotations is None) == (buckets is None):
         raise ValueError("pass exactly one of rotations (to hash qk) and buckets (frozen bucket ids)")
     if rotations is not None:
         check_rotations(rotations, qk.shape[-1], n_buckets)
     else:
-        buckets = np.asarray(buckets)
-        if not np.issubdtype(buckets.dtype, np.integer):
-            raise TypeError(f"buckets has dtype {buckets.dtype}; expected integer bucket ids")
-        if buckets.ndim != qk.ndim or buckets.shape[:-2] != qk.shape[:-2] or buckets.shape[-1] != n_positions:
-            raise ValueError(
-                f"buckets has shape {buckets.shape}; expected {qk.shape[:-2] + ('K', n_positions)} "
-                f"(leading axes of qk, rounds, positions)"
-            )
-        if buckets.shape[-2] < 1 or buckets.min() < 0 or buckets.max() >= n_buckets:
-            raise ValueError(
-                f"buckets must hold ids in [0, {n_buckets}) for at least one round, got shape "
-                f"{buckets.shape} with values from {buckets.min(initial=0)} to {buckets.max(initial=0)}"
-            )
+        buckets = _check_frozen_buckets(buckets, qk, n_buckets)
+
     if key_mask is not None:
-        if not isinstance(key_mask, np.ndarray) or key_mask.dtype != np.bool_:
-            raise TypeError(f"key_mask must be a boolean numpy.ndarray (..., N), got {type(key_mask).__name__}")
-        try:
-            key_mask = np.broadcast_to(key_mask, qk.shape[:-1])
-        except ValueError:
-            raise ValueError(
-                f"key_mask has shape {key_mask.shape}; expected a shape broadcastable to {qk.shape[:-1]} (..., N)"
-            ) from None
+        key_mask = _broadcast_key_mask(key_mask, qk)
     return buckets, key_mask
 
 
@@ -478,7 +493,7 @@ class LSHAttention:
             rng = np.random.default_rng() if rng is None else rng
             check_generator("rng", rng)
         else:
-            check_rotations(rotations, rotations.shape[1] if np.ndim(rotations) == 3 else -1, n_buckets, n_rounds)
+            check_rotations(rotations, None, n_buckets, n_rounds)
         self.rng = rng
         self.n_buckets = n_buckets
         self.chunk_length = chunk_length

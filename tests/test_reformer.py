@@ -450,3 +450,25 @@ def test_rejects_bad_buckets_and_hashing_choice(rng):
         reformer.lsh_attention_forward(qk, v, n_buckets=4, chunk_length=2, buckets=np.zeros((1, 6)))
     with pytest.raises(ValueError, match="v has shape"):
         reformer.lsh_attention_forward(qk, v[:5], n_buckets=4, chunk_length=2, rotations=rotations)
+
+
+def test_method_rejects_rotations_of_wrong_shape(rng):
+    with pytest.raises(ValueError, match="rotations has shape"):
+        reformer.make_method(rng, n_buckets=4, n_rounds=2, rotations=rng.standard_normal((1, 4, 2)))
+    method = reformer.make_method(rng, n_buckets=4, chunk_length=2, rotations=rng.standard_normal((1, 3, 2)))
+    q, v = random_inputs(rng, (1, 1), 6)
+    with pytest.raises(ValueError, match="rotations has shape"):
+        method.forward(q, q, v)
+
+
+def test_float32_runs_and_matches_float64(rng):
+    qk, v = random_inputs(rng, (2,), 9)
+    buckets = rng.integers(0, 4, size=(2, 2, 9))
+    options = {"n_buckets": 4, "chunk_length": 4, "buckets": buckets, "causal": True, "dedup": True}
+    out32, cache32 = reformer.lsh_attention_forward(qk.astype(np.float32), v.astype(np.float32), **options)
+    out64, _ = reformer.lsh_attention_forward(qk, v, **options)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, out64, rtol=0, atol=1e-5)
+    dqk, dv = reformer.lsh_attention_backward(np.ones_like(out32), cache32)
+    assert dqk.dtype == np.float32
+    assert dv.dtype == np.float32

@@ -70,16 +70,16 @@ def check_n_buckets(n_buckets):
 
 
 def check_rotations(rotations, width, n_buckets=None, n_rounds=None):
-    """Check rotations (K, D, nb / 2) against the vector width D (and nb, K when given)."""
+    """Check rotations (K, D, nb / 2) against the vector width D, nb and K (each when not None)."""
     check_float_array("rotations", rotations, min_ndim=1)
     expected = (
         "K" if n_rounds is None else str(n_rounds),
-        str(width),
+        "D" if width is None else str(width),
         "nb/2" if n_buckets is None else str(n_buckets // 2),
     )
     shape_ok = (
         rotations.ndim == 3
-        and rotations.shape[1] == width
+        and (width is None or rotations.shape[1] == width)
         and rotations.shape[2] >= 1
         and (n_rounds is None or rotations.shape[0] == n_rounds)
         and (n_buckets is None or rotations.shape[2] == n_buckets // 2)
