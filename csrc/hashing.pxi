@@ -1,66 +1,48 @@
 # Angular LSH bucketing and the counting sort by bucket.
 # Included by _kernels.pyx; NumPy twins in miniattn/core/hashing.py.
 
-import os
-
-from cython.parallel cimport prange
-
-# Below this much work (items times rotation columns) the bucketing runs on one
-# thread: starting an OpenMP team costs more than it saves on small inputs.
-cdef Py_ssize_t PARALLEL_MIN_WORK = 1 << 18
 
 
-def lsh_buckets(floating[:, :, :, ::1] projected, Py_ssize_t length):
-    """Return bucket ids (G, K, length) from projections x R of shape (G, N, K, h).
+def lsh_buckets(floating[:, :, ::1] projected):
+    """Return bucket ids (K, M) from projections x R of shape (M, K, h).
 
-    Same contract as lsh_buckets_reference: entry [g, r, t] is
-    r (nb + 1) + argmax([p, -p]) for t < N, the first maximum winning ties
-    (a strict > comparison keeps the earliest index), and r (nb + 1) + nb
-    for N <= t < length.
+    Same contract as lsh_buckets_reference: entry [r, t] is
+    r (nb + 1) + argmax([p, -p]) of p = projected[t, r], the first maximum
+    winning ties.
     """
-    cdef Py_ssize_t n_groups = projected.shape[0]
-    cdef Py_ssize_t n_positions = projected.shape[1]
-    cdef Py_ssize_t n_rounds = projected.shape[2]
-    cdef Py_ssize_t half = projected.shape[3]
+    cdef Py_ssize_t n_rows = projected.shape[0]
+    cdef Py_ssize_t n_rounds = projected.shape[1]
+    cdef Py_ssize_t half = projected.shape[2]
     cdef Py_ssize_t n_buckets = 2 * half
-    cdef Py_ssize_t n_items = n_groups * n_rounds * length
-    cdef Py_ssize_t item, g, r, t, j, best_index
+    cdef Py_ssize_t t, r, j, best_index
     cdef floating best, lowest, value
-    cdef int n_threads = 1
-    if n_items * half >= PARALLEL_MIN_WORK:
-        n_threads = os.cpu_count() or 1
-    out_array = np.empty((n_groups, n_rounds, length), dtype=np.int64)
-    cdef cnp.int64_t[:, :, ::1] out = out_array
+    out_array = np.empty((n_rounds, n_rows), dtype=np.int64)
+    cdef cnp.int64_t[:, ::1] out = out_array
     with nogil:
-        for item in prange(n_items, schedule="static", num_threads=n_threads):
-            g = item // (n_rounds * length)
-            r = (item // length) % n_rounds
-            t = item % length
-            if t >= n_positions:
-                out[g, r, t] = r * (n_buckets + 1) + n_buckets
-                continue
-            # The candidates in argmax order are +p_0 .. +p_{h-1}, then
-            # -p_0 .. -p_{h-1}. A branch-free pass finds max(p) and min(p);
-            # the winner is +max(p) unless -min(p) is strictly larger (on
-            # equality the +p candidate comes first). A second pass finds the
-            # first position holding the winning value: the first maximum.
-            best = projected[g, t, r, 0]
-            lowest = best
-            for j in range(1, half):
-                value = projected[g, t, r, j]
-                best = value if value > best else best
-                lowest = value if value < lowest else lowest
-            if -lowest > best:
-                j = 0
-                while projected[g, t, r, j] != lowest:
-                    j = j + 1
-                best_index = half + j
-            else:
-                j = 0
-                while projected[g, t, r, j] != best:
-                    j = j + 1
-                best_index = j
-            out[g, r, t] = r * (n_buckets + 1) + best_index
+        for t in range(n_rows):
+            for r in range(n_rounds):
+                # The candidates in argmax order are +p_0 .. +p_{h-1}, then
+                # -p_0 .. -p_{h-1}. A branch-free pass finds max(p) and min(p).
+                # The winner is +max(p) unless -min(p) is strictly larger (on
+                # equality the +p candidate comes first). A second pass finds
+                # the first position of the winning value: the first maximum.
+                best = projected[t, r, 0]
+                lowest = best
+                for j in range(1, half):
+                    value = projected[t, r, j]
+                    best = value if value > best else best
+                    lowest = value if value < lowest else lowest
+                if -lowest > best:
+                    j = 0
+                    while projected[t, r, j] != lowest:
+                        j = j + 1
+                    best_index = half + j
+                else:
+                    j = 0
+                    while projected[t, r, j] != best:
+                        j = j + 1
+                    best_index = j
+                out[r, t] = r * (n_buckets + 1) + best_index
     return out_array
 
 

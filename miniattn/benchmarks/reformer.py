@@ -106,7 +106,7 @@ def measure_hashing(rng, n_positions, width, n_buckets, n_rounds):
     x = rng.standard_normal((n_positions, width))
     rotations = hashing.draw_rotations(rng, n_rounds, width, n_buckets)
     columns = rotations.transpose(1, 0, 2).reshape(width, -1)
-    projected = (x @ columns).reshape(1, n_positions, n_rounds, n_buckets // 2)  # (G, N, K, h)
+    projected = (x @ columns).reshape(n_positions, n_rounds, n_buckets // 2)  # (N, K, h)
     ids = hashing.lsh_hash(x, rotations)
 
     timings = {}
@@ -118,11 +118,11 @@ def measure_hashing(rng, n_positions, width, n_buckets, n_rounds):
 
         if module is None:
             def kernels_only():
-                hashing.lsh_buckets_reference(projected, n_positions)
+                hashing.lsh_buckets_reference(projected)
                 hashing.lsh_sort_reference(ids.reshape(1, -1), n_positions)
         else:
             def kernels_only():
-                module.lsh_buckets(projected, n_positions)
+                module.lsh_buckets(projected)
                 module.lsh_sort(ids.reshape(1, -1), n_positions)
 
         timings[backend] = (best_time(end_to_end, repeat=5), best_time(kernels_only, repeat=5))

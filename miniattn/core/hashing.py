@@ -93,21 +93,22 @@ def check_rotations(rotations, width, n_buckets=None, n_rounds=None):
 
 # --- bucketing ------------------------------------------------------------------
 
+# Rows projected at a time: a block of projections (rows, K, h) stays in cache
+# between the matmul that writes it and the argmax that reads it.
+BLOCK_ROWS = 4096
 
-def lsh_buckets_reference(projected, length):
-    """Return bucket ids (G, K, L) from projections x R of shape (G, N, K, h).
 
-    Entry [g, r, t] is r (nb + 1) + argmax([p, -p]) of p = projected[g, t, r]
-    for t < N (first maximum on ties), and the padding id r (nb + 1) + nb for
-    N <= t < length.
+def lsh_buckets_reference(projected):
+    """Return bucket ids (K, M) from projections x R of shape (M, K, h).
+
+    Entry [r, t] is r (nb + 1) + argmax([p, -p]) of p = projected[t, r],
+    the first maximum winning ties.
     """
-    n_positions, n_rounds, half = projected.shape[1:]
+    n_rounds, half = projected.shape[1:]
     n_buckets = 2 * half
-    signed = np.concatenate([projected, -projected], axis=-1)  # (G, N, K, nb)
-    buckets = np.full((projected.shape[0], n_rounds, length), n_buckets, dtype=np.int64)  # (G, K, L)
-    buckets[:, :, :n_positions] = np.argmax(signed, axis=-1).transpose(0, 2, 1)  # (G, K, N)
-    buckets += (n_buckets + 1) * np.arange(n_rounds, dtype=np.int64)[:, None]
-    return buckets
+    signed = np.concatenate([projected, -projected], axis=-1)  # (M, K, nb)
+    buckets = np.argmax(signed, axis=-1).T  # (K, M)
+    return buckets + (n_buckets + 1) * np.arange(n_rounds, dtype=np.int64)[:, None]
 
 
 def lsh_hash(x, rotations, *, length=None, backend=None):
@@ -122,21 +123,25 @@ def lsh_hash(x, rotations, *, length=None, backend=None):
     n_positions = x.shape[-2]
     length = n_positions if length is None else length
     check_int("length", length, minimum=n_positions)
+    module = resolve_backend(backend)
+    argmax = lsh_buckets_reference if module is None else module.lsh_buckets
 
-    # 1. Project every vector on every round's random directions (shared by both backends).
     lead = x.shape[:-2]
     n_rounds, width, half = rotations.shape
-    rows = x.reshape(-1, width)  # (G N, D)
+    n_buckets = 2 * half
+    groups = x.reshape(-1, n_positions, width)  # (G, N, D)
     columns = rotations.astype(x.dtype, copy=False).transpose(1, 0, 2).reshape(width, n_rounds * half)  # (D, K h)
-    projected = rows @ columns  # (G N, D) @ (D, K h) -> (G N, K h), one BLAS call
-    projected = projected.reshape(-1, n_positions, n_rounds, half)  # (G, N, K, h)
+    offsets = (n_buckets + 1) * np.arange(n_rounds, dtype=np.int64)[:, None]  # (K, 1)
+    buckets = np.empty((groups.shape[0], n_rounds, length), dtype=np.int64)  # (G, K, L)
+    buckets[:, :, n_positions:] = offsets + n_buckets  # the padding id of each round
 
-    # 2. Argmax over the signed projections, plus round offsets and padding ids.
-    module = resolve_backend(backend)
-    if module is None:
-        buckets = lsh_buckets_reference(projected, length)
-    else:
-        buckets = module.lsh_buckets(np.ascontiguousarray(projected), length)
+    for group, rows in enumerate(groups):
+        for start in range(0, n_positions, BLOCK_ROWS):
+            block = rows[start:start + BLOCK_ROWS]  # (M, D)
+            # 1. Project on every round's random directions: one BLAS call, shared by both backends.
+            projected = (block @ columns).reshape(-1, n_rounds, half)  # (M, D) @ (D, K h) -> (M, K, h)
+            # 2. Argmax over the signed projections, plus the round offsets.
+            buckets[group, :, start:start + block.shape[0]] = argmax(projected)  # (K, M)
     return buckets.reshape(lead + buckets.shape[1:])  # (..., K, L)
 
 
