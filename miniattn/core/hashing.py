@@ -30,9 +30,9 @@ position). The key is unique, so the order is fully determined; ``sticker``
 lists the items in sorted order and ``undo`` is its inverse permutation
 (undo[sticker[i]] = i), which puts sorted results back in item order.
 
-Backends. The projections x R are one BLAS matmul computed here, shared by
-both backends, so the compiled kernels receive exactly the numbers the NumPy
-references receive. The compiled ``lsh_buckets`` (argmax with first-maximum
+Backends. The projections x R are BLAS matmuls computed here (one per block
+of rows) and shared by both backends, so the compiled kernels receive exactly
+the numbers the NumPy references receive. The compiled ``lsh_buckets`` (argmax with first-maximum
 ties) and ``lsh_sort`` (a counting sort over the bucket ids, stable in s)
 therefore return the same integers as the references, bit for bit.
 
