@@ -26,10 +26,10 @@ and attention is restricted to a few neighbours in bucket order:
 
            w_r = exp(lse_r - logsumexp_r lse_r),    o = sum_r w_r o_r
 
-The self-penalty is finite on purpose: exp(-1e5) underflows to exactly 0 next
-to any other allowed key, but a query with no other key (the first position
-under causal masking) attends itself with weight 1 instead of producing a
-fully masked row.
+The self-penalty is finite on purpose. Next to any other allowed key with an
+ordinary score, exp(-1e5) underflows to exactly 0. A query with no other key
+(the first position under causal masking) still attends itself with weight 1
+instead of producing a fully masked row.
 
 A key met several times. Let n_ij count the windows (over all rounds, and
 twice when a single chunk is its own previous chunk) in which query i meets
@@ -50,7 +50,7 @@ Reversible layers. Two residual streams (Y1, Y2) replace one:
     Y2 = X2 + G(Y1),   G = LayerNorm -> chunked feed-forward -> dropout
 
 so the inputs can be recomputed from the outputs: X2 = Y2 - G(Y1), then
-X1 = Y1 - F(X2). The backward walks the stack top down, recomputing each
+X1 = Y1 - F(X2). A stack starts from X1 = X2 = x and returns (Y1 + Y2) / 2. The backward walks the stack top down, recomputing each
 layer's inputs and activations with the same buckets and dropout masks, so the
 activation memory of the backward is that of one layer whatever the depth.
 
@@ -96,19 +96,19 @@ SELF_PENALTY = 1e5
 # --- gathers along the position axis -------------------------------------------------
 
 
-def gather_positions(x, index):
+def gather_positions(x, index, backend=None):
     """Return out[g, t] = x[g, index[g, t]] for x (G, L, D) and index (G, T)."""
     n_groups, length, width = x.shape
     flat_index = (index + length * np.arange(n_groups)[:, None]).ravel()  # (G T,)
-    rows = kernels.gather_rows(x.reshape(-1, width), flat_index)  # (G T, D)
+    rows = kernels.gather_rows(x.reshape(-1, width), flat_index, backend=backend)  # (G T, D)
     return rows.reshape(index.shape + (width,))
 
 
-def scatter_positions(grad, index, length):
+def scatter_positions(grad, index, length, backend=None):
     """Backward of gather_positions: out[g, index[g, t]] += grad[g, t], duplicates added."""
     n_groups, _, width = grad.shape
     flat_index = (index + length * np.arange(n_groups)[:, None]).ravel()  # (G T,)
-    rows = kernels.scatter_add_rows(grad.reshape(-1, width), flat_index, n_groups * length)
+    rows = kernels.scatter_add_rows(grad.reshape(-1, width), flat_index, n_groups * length, backend=backend)
     return rows.reshape(n_groups, length, width)  # (G, L, D)
 
 
@@ -315,9 +315,9 @@ def lsh_attention_forward(
 
     # 3. Normalise the keys, then gather queries, keys and values into sorted order.
     unit_keys, normalize_cache = normalize_forward(qk_padded)  # (G, L, D)
-    sorted_queries = gather_positions(qk_padded, sorted_positions)  # (G, K L, D)
-    sorted_keys = gather_positions(unit_keys, sorted_positions)  # (G, K L, D)
-    sorted_values = gather_positions(v_padded, sorted_positions)  # (G, K L, Dv)
+    sorted_queries = gather_positions(qk_padded, sorted_positions, backend)  # (G, K L, D)
+    sorted_keys = gather_positions(unit_keys, sorted_positions, backend)  # (G, K L, D)
+    sorted_values = gather_positions(v_padded, sorted_positions, backend)  # (G, K L, Dv)
 
     # 4. Chunk, and attach the previous chunk to each chunk's keys and values.
     chunk_shape = (-1, n_chunks, chunk_length)
@@ -344,7 +344,7 @@ def lsh_attention_forward(
     sorted_out = probs @ values  # (G, n, c, 2c) @ (G, n, 2c, Dv) -> (G, n, c, Dv)
 
     # 7. Put every round's output and log-sum-exp back in item order (r, t).
-    round_out = gather_positions(sorted_out.reshape(-1, n_rounds * length, value_width), undo)  # (G, K L, Dv)
+    round_out = gather_positions(sorted_out.reshape(-1, n_rounds * length, value_width), undo, backend)  # (G, K L, Dv)
     round_out = round_out.reshape(-1, n_rounds, length, value_width)  # (G, K, L, Dv)
     round_lse = np.take_along_axis(lse.reshape(-1, n_rounds * length), undo, axis=1)  # (G, K L)
     round_lse = round_lse.reshape(-1, n_rounds, length)  # (G, K, L)
@@ -392,6 +392,7 @@ def lsh_attention_backward(dout, cache):
     weights, round_out, out_padded = cache["weights"], cache["round_out"], cache["out_padded"]
     n_groups = queries.shape[0]
     n_items = n_rounds * length
+    backend = cache["backend"]
 
     # 9. out = out_padded[:, :N]: padded rows get no gradient.
     dout_padded = np.zeros_like(out_padded)  # (G, L, Dv)
@@ -404,9 +405,9 @@ def lsh_attention_backward(dout, cache):
     dround_lse = weights * (round_dots - combined_dot)  # (G, K, L)
 
     # 7. round_out = sorted_out[undo]: scatter back to sorted order (a permutation, so no overlaps).
-    dsorted_out = scatter_positions(dround_out.reshape(n_groups, n_items, value_width), undo, n_items)
+    dsorted_out = scatter_positions(dround_out.reshape(n_groups, n_items, value_width), undo, n_items, backend)
     dsorted_out = dsorted_out.reshape(queries.shape[:3] + (value_width,))  # (G, n, c, Dv)
-    dlse = scatter_positions(dround_lse.reshape(n_groups, n_items, 1), undo, n_items)
+    dlse = scatter_positions(dround_lse.reshape(n_groups, n_items, 1), undo, n_items, backend)
     dlse = dlse.reshape(queries.shape[:3])  # (G, n, c)
 
     # 6. sorted_out = probs @ values, lse = logsumexp(scores): dS = P (dP - rowsum(dO O)) + P dlse
@@ -426,10 +427,10 @@ def lsh_attention_backward(dout, cache):
 
     # 3. Gathers by sorted position (each position appears once per round: scatter-add),
     #    then the unit keys: qk feeds both the query path and the key path (a fork).
-    dqk_padded = scatter_positions(dsorted_queries, sorted_positions, length)  # (G, L, D)
-    dunit_keys = scatter_positions(dsorted_keys, sorted_positions, length)  # (G, L, D)
+    dqk_padded = scatter_positions(dsorted_queries, sorted_positions, length, backend)  # (G, L, D)
+    dunit_keys = scatter_positions(dsorted_keys, sorted_positions, length, backend)  # (G, L, D)
     dqk_padded += normalize_backward(dunit_keys, cache["normalize_cache"])
-    dv_padded = scatter_positions(dsorted_values, sorted_positions, length)  # (G, L, Dv)
+    dv_padded = scatter_positions(dsorted_values, sorted_positions, length, backend)  # (G, L, Dv)
 
     # 2. Hashing and sorting are piecewise constant: no gradient.
     # 1. Drop the padding.
