@@ -9,9 +9,9 @@ run, ``--json PATH`` to save the numbers). Four measurements:
 2. scaling: LSH attention forward and forward+backward time against N with a
    fixed chunk length, and the fitted log-log slope (N log N predicts just
    above 1);
-3. hashing: compiled hashing + sort against the NumPy twin at N = 65,536
-   with 4 rounds, end to end (both include the same BLAS projection) and for
-   the kernels alone;
+3. hashing: compiled hashing and sort against the NumPy twins at N = 65,536
+   with 4 rounds, separately and together (both hashing paths include the
+   same blocked BLAS projection);
 4. memory: tracemalloc peak of forward + backward of a reversible and an
    ordinary stack at several depths, less the parameter gradients allocated
    during the call (the parameters exist before it and are not counted).
@@ -102,33 +102,21 @@ def measure_scaling(rng, sizes, width, chunk_length, n_rounds):
 
 
 def measure_hashing(rng, n_positions, width, n_buckets, n_rounds):
-    """Return rows of NumPy and compiled time for hashing + sort, end to end and kernels only."""
+    """Return rows of NumPy and compiled time for hashing, sorting, and both."""
     x = rng.standard_normal((n_positions, width))
     rotations = hashing.draw_rotations(rng, n_rounds, width, n_buckets)
-    columns = rotations.transpose(1, 0, 2).reshape(width, -1)
-    projected = (x @ columns).reshape(n_positions, n_rounds, n_buckets // 2)  # (N, K, h)
     ids = hashing.lsh_hash(x, rotations)
 
     timings = {}
     for backend in kernels.available_backends():
-        module = kernels.resolve_backend(backend)
-
-        def end_to_end():
-            hashing.lsh_sort(hashing.lsh_hash(x, rotations, backend=backend), backend=backend)
-
-        if module is None:
-            def kernels_only():
-                hashing.lsh_buckets_reference(projected)
-                hashing.lsh_sort_reference(ids.reshape(1, -1), n_positions)
-        else:
-            def kernels_only():
-                module.lsh_buckets(projected)
-                module.lsh_sort(ids.reshape(1, -1), n_positions)
-
-        timings[backend] = (best_time(end_to_end, repeat=5), best_time(kernels_only, repeat=5))
+        timings[backend] = (
+            best_time(lambda: hashing.lsh_hash(x, rotations, backend=backend), repeat=5),
+            best_time(lambda: hashing.lsh_sort(ids, backend=backend), repeat=5),
+            best_time(lambda: hashing.lsh_sort(hashing.lsh_hash(x, rotations, backend=backend), backend=backend), repeat=5),
+        )
 
     rows = []
-    for label, index in (("hash + sort, end to end", 0), ("bucketing + sort kernels only", 1)):
+    for label, index in (("hash (projection + argmax)", 0), ("sort", 1), ("hash + sort", 2)):
         row = {"measure": label, "numpy ms": f"{1e3 * timings['numpy'][index]:.1f}"}
         if "cython" in timings:
             row["cython ms"] = f"{1e3 * timings['cython'][index]:.1f}"
