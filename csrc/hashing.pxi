@@ -2,7 +2,6 @@
 # Included by _kernels.pyx; NumPy twins in miniattn/core/hashing.py.
 
 
-
 def lsh_buckets(floating[:, :, ::1] projected):
     """Return bucket ids (K, M) from projections x R of shape (M, K, h).
 
