@@ -2,6 +2,41 @@
 # Included by _kernels.pyx; NumPy twins in miniattn/core/hashing.py.
 
 
+cdef inline Py_ssize_t signed_argmax(const floating* row, Py_ssize_t half) noexcept nogil:
+    """Return the first maximum's index in [row, -row] (2 half candidates)."""
+    cdef floating best0 = row[0], best1 = row[0], lowest0 = row[0], lowest1 = row[0]
+    cdef floating best, lowest, value0, value1
+    cdef Py_ssize_t j = 1
+    # 1. max(p) and min(p), with two independent accumulators each so that
+    #    consecutive comparisons do not wait on each other. Max and min of a
+    #    finite set do not depend on the order they are taken in.
+    while j + 1 < half:
+        value0 = row[j]
+        value1 = row[j + 1]
+        best0 = value0 if value0 > best0 else best0
+        best1 = value1 if value1 > best1 else best1
+        lowest0 = value0 if value0 < lowest0 else lowest0
+        lowest1 = value1 if value1 < lowest1 else lowest1
+        j = j + 2
+    if j < half:
+        best0 = row[j] if row[j] > best0 else best0
+        lowest0 = row[j] if row[j] < lowest0 else lowest0
+    best = best1 if best1 > best0 else best0
+    lowest = lowest1 if lowest1 < lowest0 else lowest0
+    # 2. The candidates in argmax order are +p_0 .. +p_{h-1}, then -p_0 .. -p_{h-1}.
+    #    The winner is +max(p) unless -min(p) is strictly larger (on equality
+    #    the +p candidate comes first); its first position is the first maximum.
+    #    == treats -0.0 and 0.0 as equal, as NumPy's argmax does.
+    j = 0
+    if -lowest > best:
+        while row[j] != lowest:
+            j = j + 1
+        return half + j
+    while row[j] != best:
+        j = j + 1
+    return j
+
+
 def lsh_buckets(floating[:, :, ::1] projected):
     """Return bucket ids (K, M) from projections x R of shape (M, K, h).
 
@@ -13,35 +48,13 @@ def lsh_buckets(floating[:, :, ::1] projected):
     cdef Py_ssize_t n_rounds = projected.shape[1]
     cdef Py_ssize_t half = projected.shape[2]
     cdef Py_ssize_t n_buckets = 2 * half
-    cdef Py_ssize_t t, r, j, best_index
-    cdef floating best, lowest, value
+    cdef Py_ssize_t t, r
     out_array = np.empty((n_rounds, n_rows), dtype=np.int64)
     cdef cnp.int64_t[:, ::1] out = out_array
     with nogil:
         for t in range(n_rows):
             for r in range(n_rounds):
-                # The candidates in argmax order are +p_0 .. +p_{h-1}, then
-                # -p_0 .. -p_{h-1}. A branch-free pass finds max(p) and min(p).
-                # The winner is +max(p) unless -min(p) is strictly larger (on
-                # equality the +p candidate comes first). A second pass finds
-                # the first position of the winning value: the first maximum.
-                best = projected[t, r, 0]
-                lowest = best
-                for j in range(1, half):
-                    value = projected[t, r, j]
-                    best = value if value > best else best
-                    lowest = value if value < lowest else lowest
-                if -lowest > best:
-                    j = 0
-                    while projected[t, r, j] != lowest:
-                        j = j + 1
-                    best_index = half + j
-                else:
-                    j = 0
-                    while projected[t, r, j] != best:
-                        j = j + 1
-                    best_index = j
-                out[r, t] = r * (n_buckets + 1) + best_index
+                out[r, t] = r * (n_buckets + 1) + signed_argmax(&projected[t, r, 0], half)
     return out_array
 
 
