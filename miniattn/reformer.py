@@ -925,6 +925,8 @@ def frozen_reversible_layer(x1, x2, layer, rng, param_names):
 
     The record (buckets and dropout seeds) comes from one forward at the
     given inputs; the closures then vary x1, x2 and the named parameters.
+    Like frozen_lsh_attention, forward.moved_calls counts the calls whose
+    inputs would hash to other buckets than the frozen ones.
     """
     _, _, record = reversible_layer_forward(x1, x2, layer, rng=rng)
 
@@ -933,8 +935,13 @@ def frozen_reversible_layer(x1, x2, layer, rng, param_names):
 
     def forward(x1, x2, *values):
         current = with_params(values)
+        _, probe = attention_block_forward(x2, current, dropout_seed=record["dropout_seeds"][0])
+        if not np.array_equal(probe["attention"]["buckets"], record["buckets"]):
+            forward.moved_calls += 1
         y1, y2, _ = reversible_layer_forward(x1, x2, current, record=record)
         return (y1, y2), (y1, y2, current)
+
+    forward.moved_calls = 0
 
     def backward(dout, cache):
         y1, y2, current = cache

@@ -324,6 +324,7 @@ def test_reversible_layer_gradcheck(seed):
     inputs = [x1, x2, *(layer.params[name] for name in names)]
     result = gradcheck(forward, backward, inputs, names=["x1", "x2", *names], rng=rng)
     result.assert_ok(1e-6)
+    assert forward.moved_calls == 0, "a finite-difference step moved a token to another bucket"
 
 
 # --- chunked feed-forward -----------------------------------------------------------------------
