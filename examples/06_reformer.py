@@ -25,7 +25,8 @@ print("direction of each position:", labels)
 print("bucket of each position:    ", buckets)
 same_direction = labels[:, None] == labels[None, :]
 same_bucket = buckets[:, None] == buckets[None, :]
-print(f"check: pairs sharing a bucket that share a direction: {np.mean(same_direction[same_bucket]):.2f}")
+print(f"check: pairs that share a direction: {np.mean(same_direction[same_bucket]):.2f} of the pairs "
+      f"sharing a bucket, {np.mean(same_direction):.2f} of all pairs")
 
 # %% 2. Sort by (bucket, position).
 sticker, undo = lsh_sort(buckets[None, :])  # (K N,) each
