@@ -19,3 +19,4 @@ cnp.import_array()
 
 include "rows.pxi"
 include "sparse_attention.pxi"
+include "hashing.pxi"
