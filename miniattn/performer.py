@@ -1,0 +1,760 @@
+"""Performer: FAVOR+ attention with positive orthogonal random features (Choromanski et al., 2021).
+
+Letters: B batch, H heads, N queries, M keys, D head width of queries and
+keys, Dv value width, F random features (the paper's m), C chunk length of
+the causal scan.
+
+Idea. Softmax attention weights are exp(q.k / sqrt(D)), a kernel of q and k.
+A random feature map phi with E[phi(q).phi(k)] = exp(q.k / sqrt(D)) turns the
+N x M matrix of weights into a product of an N x F and an F x M matrix, and
+multiplying in the right order never forms the N x M matrix:
+
+    out = D^-1 (phi(Q) (phi(K)^T V)),    D = diag(phi(Q) (phi(K)^T 1))
+
+(here D^-1 is the row normalisation, not the head width).
+
+Positive random features (the softmax kernel, "SM+"). With x~ = x D^-1/4
+(so that q~.k~ = q.k / sqrt(D)) and rows w_1..w_F of the feature matrix W:
+
+    u_j(x)   = w_j . x~ - |x~|^2 / 2
+    phi(x)_j = F^-1/2 (exp(u_j(x) - c) + eps)
+
+For w ~ N(0, I_D), c = 0 and eps = 0, E[exp(u(q) + u(k))] = exp(q~.k~), so
+phi(q).phi(k) is an unbiased estimate of the softmax kernel, and every
+feature is positive, so the row normaliser never comes near zero the way
+sin/cos features can. The stabiliser c keeps exp from overflowing: one
+constant per query row (it cancels in that row's normalisation) and ONE
+constant shared by every key of a (batch, head) slice (it cancels in every
+row). A separate constant per key would change the attention weights. With
+eps > 0 the cancellation is no longer exact, by a relative amount of about
+eps. The backward treats c as a constant, and gradient checks with eps > 0
+pass the stabilisers of the unperturbed input explicitly.
+
+Orthogonal random features (ORF). W is a stack of ceil(F / D) blocks of D
+mutually orthogonal rows (the Q factor of the QR decomposition of a D x D
+Gaussian matrix); each row is then rescaled to the norm of an independent
+Gaussian D-vector (a chi_D draw), so every row is still marginally N(0, I_D)
+and the estimate stays unbiased, with lower variance than i.i.d. rows. The
+i.i.d. Gaussian option is kept for comparison. The generalized ReLU kernel
+phi(x) = F^-1/2 (ReLU(W x~) + eps) is an alternative kernel, not an
+approximation of softmax.
+
+Causal attention. Query i may attend key j when j <= i + (M - N) (queries are
+the last N key positions). With k'_s = phi(k_s):
+
+    S_t = sum_{s <= t} k'_s v_s^T  (F, Dv),   z_t = sum_{s <= t} k'_s  (F,)
+    out_t = (q'_t^T S_t) / (q'_t . z_t)
+
+computed over chunks of C positions: prefix sums of the per-chunk states carry
+everything before a chunk, and a C x C lower-triangular product covers the
+keys inside it. C = 1 is the plain per-token prefix sum. The backward of a
+prefix sum is a suffix sum: G_t = sum_{s >= t} q'_s dnum_s^T.
+
+Padding. A key-padding mask zeroes the rows of phi(K), which removes those
+keys from numerator and denominator. Zeroing the raw key would not: phi(0)
+is not 0. The shared key stabiliser is taken over valid keys only, so a
+padded sequence gives the same output as the unpadded one.
+
+Redraw policy. Features are random but never redrawn inside forward or
+backward: PerformerAttention draws them once (at construction, or at the
+first forward when the head width is not known before) from its Generator
+and redraws only when redraw_features() is called. The cache keeps the
+features used, so a backward always matches its forward and a gradient check
+sees one fixed function.
+
+Complexity per head: O((N + M) F D + (N + M) F Dv) time and O((N + M) F + F Dv)
+memory bidirectional; causal adds O(N C F) time and O(N C + (N / C) F Dv)
+memory for the chunks, against O(N M D) time and O(N M) memory for exact
+attention.
+"""
+
+import numpy as np
+
+from .core.validate import (
+    check_attention_inputs,
+    check_choice,
+    check_float_array,
+    check_generator,
+    check_int,
+    check_mask,
+    check_real,
+)
+
+KERNELS = ("softmax", "relu")
+DEFAULT_EPS = {"softmax": 1e-6, "relu": 1e-3}
+STABILISER_MODES = ("row", "shared")
+
+
+# --- random features ----------------------------------------------------------
+
+
+def draw_features(num_features, width, rng, *, orthogonal=True, dtype=np.float64):
+    """Draw a random feature matrix W (F, D) whose rows are marginally N(0, I_D).
+
+    Inputs:
+    - num_features: F >= 1
+    - width: D >= 1, the head width of queries and keys
+    - rng: numpy.random.Generator, the only source of randomness
+    - orthogonal: True for orthogonal random features (blocks of D orthogonal
+      rows with chi_D row norms), False for i.i.d. Gaussian rows
+    - dtype: float64 or float32
+
+    Returns W (F, D).
+    """
+    check_int("num_features", num_features, minimum=1)
+    check_int("width", width, minimum=1)
+    check_generator("rng", rng)
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype={np.dtype(dtype)} is invalid; expected float32 or float64")
+    if not orthogonal:
+        return rng.standard_normal((num_features, width)).astype(dtype)  # (F, D)
+
+    # 1. Directions: blocks of D orthonormal rows, from the QR of Gaussian matrices.
+    blocks = []
+    for _ in range(-(-num_features // width)):
+        gaussian = rng.standard_normal((width, width))  # (D, D)
+        q_factor, r_factor = np.linalg.qr(gaussian)
+        # QR fixes the signs of R's diagonal, which biases Q; flipping columns of
+        # Q by those signs makes it uniformly (Haar) distributed.
+        q_factor = q_factor * np.sign(np.diag(r_factor))
+        blocks.append(q_factor.T)  # rows orthonormal, each uniform on the sphere
+    directions = np.concatenate(blocks, axis=0)[:num_features]  # (F, D)
+
+    # 2. Norms: a chi_D draw per row, so each row has the law of a N(0, I_D) vector.
+    norms = np.linalg.norm(rng.standard_normal((num_features, width)), axis=1)  # (F,)
+    return (directions * norms[:, None]).astype(dtype)  # (F, D)
+
+
+def check_features(features, width, dtype):
+    """Check that features is a finite (F, D) float matrix for head width D; return it as dtype."""
+    check_float_array("features", features, min_ndim=2)
+    if features.ndim != 2 or features.shape[1] != width or features.shape[0] < 1:
+        raise ValueError(
+            f"features has shape {features.shape}; expected (F, {width}) with F >= 1 "
+            f"random feature rows matching the head width D={width}"
+        )
+    return features.astype(dtype, copy=False)
+
+
+# --- feature maps ---------------------------------------------------------------
+
+
+def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", valid=None):
+    """Positive random features phi(x) = F^-1/2 (exp(W x~ - |x~|^2 / 2 - c) + eps).
+
+    Inputs:
+    - x: queries or keys (..., L, D)
+    - features: W (F, D)
+    - eps: eps >= 0 added to every feature
+    - stabiliser: "row" (one c per row: queries), "shared" (one c per slice
+      over all valid rows and features: keys), or an array broadcastable to
+      (..., L, 1) to use as c as given (a frozen stabiliser)
+    - valid: optional bool (..., L), False on padded rows; their features are 0
+
+    Returns (phi, cache) with phi (..., L, F). cache["stabiliser"] is the c used.
+    """
+    width = x.shape[-1]
+    num_features = features.shape[0]
+    scale = width**-0.25
+    norm = num_features**-0.5
+
+    # 1. x~ = x D^-1/4, so that q~.k~ = q.k / sqrt(D).
+    x_scaled = x * x.dtype.type(scale)  # (..., L, D)
+
+    # 2. Exponents u = W x~ - |x~|^2 / 2.
+    exponents = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
+    exponents -= 0.5 * np.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
+
+    # 3. Stabiliser c: the maximum exponent of each row, or of all valid rows.
+    # NOTE: c is the max of the whole exponent u, where the reference code takes the
+    # max of W x~ alone. Both are constants that cancel; this one also keeps the
+    # largest feature at exactly F^-1/2 (1 + eps), so large norms cannot underflow
+    # every feature of a row to zero.
+    stabiliser = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1)
+
+    # 4. phi = F^-1/2 (exp(u - c) + eps), zero on padded rows.
+    phi = np.exp(exponents - stabiliser)  # (..., L, F)
+    phi += x.dtype.type(eps)
+    phi *= x.dtype.type(norm)
+    if valid is not None:
+        phi *= valid[..., None]
+
+    cache = {
+        "x_scaled": x_scaled, "features": features, "phi": phi, "eps": eps,
+        "valid": valid, "stabiliser": stabiliser, "scale": scale, "norm": norm,
+    }
+    return phi, cache
+
+
+def compute_stabiliser(exponents, mode, valid):
+    """Return the stabiliser c for exponents (..., L, F): per row, shared, or given."""
+    if isinstance(mode, str):
+        check_choice("stabiliser", mode, STABILISER_MODES)
+    else:
+        given = np.asarray(mode, dtype=exponents.dtype)
+        if not np.all(np.isfinite(given)):
+            raise ValueError("stabiliser contains non-finite values; expected finite constants")
+        return given
+    if mode == "row":
+        return np.max(exponents, axis=-1, keepdims=True)  # (..., L, 1)
+    if valid is None:
+        return np.max(exponents, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
+    masked = np.where(valid[..., None], exponents, -np.inf)  # (..., L, F)
+    shared = np.max(masked, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
+    # A slice without valid keys has all features zeroed; any finite c will do.
+    return np.where(np.isfinite(shared), shared, 0.0).astype(exponents.dtype)
+
+
+def softmax_kernel_features_backward(dphi, cache):
+    """Backward of softmax_kernel_features_forward with the stabiliser held constant.
+
+    The cache holds x~, W, phi, eps, the valid rows and the constants. With
+    phi^ = phi - F^-1/2 eps = F^-1/2 exp(u - c) on valid rows:
+        du = dphi * phi^,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
+    Returns dx (..., L, D).
+    """
+    x_scaled, features, phi = cache["x_scaled"], cache["features"], cache["phi"]
+    dtype = phi.dtype.type
+
+    # 4. phi = F^-1/2 (exp(u - c) + eps) on valid rows, 0 on padded rows.
+    exp_part = phi - dtype(cache["eps"] * cache["norm"])  # (..., L, F)
+    if cache["valid"] is not None:
+        exp_part *= cache["valid"][..., None]
+    dexponents = dphi * exp_part  # (..., L, F)
+
+    # 3. c is a constant: no gradient flows through the stabiliser.
+
+    # 2. u = W x~ - |x~|^2 / 2: x~ feeds both terms (a fork, the gradients add).
+    dx_scaled = dexponents @ features  # (..., L, F) @ (F, D) -> (..., L, D)
+    dx_scaled -= x_scaled * np.sum(dexponents, axis=-1, keepdims=True)
+
+    # 1. x~ = x D^-1/4
+    return dx_scaled * dtype(cache["scale"])
+
+
+def relu_kernel_features_forward(x, features, *, eps=1e-3, valid=None):
+    """Generalized ReLU kernel features phi(x) = F^-1/2 (ReLU(W x~) + eps).
+
+    Inputs as for softmax_kernel_features_forward (no stabiliser: ReLU cannot
+    overflow). Returns (phi, cache) with phi (..., L, F).
+    """
+    width = x.shape[-1]
+    scale = width**-0.25
+    norm = features.shape[0] ** -0.5
+
+    # 1. x~ = x D^-1/4
+    x_scaled = x * x.dtype.type(scale)  # (..., L, D)
+
+    # 2. Projections a = W x~.
+    projections = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
+
+    # 3. phi = F^-1/2 (ReLU(a) + eps), zero on padded rows.
+    phi = np.maximum(projections, 0.0)  # (..., L, F)
+    phi += x.dtype.type(eps)
+    phi *= x.dtype.type(norm)
+    if valid is not None:
+        phi *= valid[..., None]
+
+    cache = {
+        "projections": projections, "features": features, "valid": valid,
+        "scale": scale, "norm": norm, "phi": phi, "stabiliser": None,
+    }
+    return phi, cache
+
+
+def relu_kernel_features_backward(dphi, cache):
+    """Backward of relu_kernel_features_forward; returns dx (..., L, D).
+
+    The cache holds the projections a = W x~, W, the valid rows and the
+    constants. ReLU's derivative is taken as 0 at a = 0.
+    """
+    dtype = dphi.dtype.type
+
+    # 3. phi = F^-1/2 (ReLU(a) + eps), zero on padded rows.
+    dprojections = dphi * (cache["projections"] > 0) * dtype(cache["norm"])  # (..., L, F)
+    if cache["valid"] is not None:
+        dprojections *= cache["valid"][..., None]
+
+    # 2. a = W x~
+    dx_scaled = dprojections @ cache["features"]  # (..., L, F) @ (F, D) -> (..., L, D)
+
+    # 1. x~ = x D^-1/4
+    return dx_scaled * dtype(cache["scale"])
+
+
+FEATURE_MAPS = {
+    "softmax": (softmax_kernel_features_forward, softmax_kernel_features_backward),
+    "relu": (relu_kernel_features_forward, relu_kernel_features_backward),
+}
+
+
+# --- linear attention on features -------------------------------------------------
+
+
+def linear_attention_forward(query_features, key_features, v, *, causal=False, chunk_size=64):
+    """Normalised linear attention out = D^-1 (Q' (K'^T V)) on given features.
+
+    Inputs:
+    - query_features: Q' = phi(Q) (..., N, F), non-negative
+    - key_features: K' = phi(K) (..., M, F), zero rows for padded keys
+    - v: values (..., M, Dv)
+    - causal: query i sees key j only when j <= i + (M - N), through prefix sums
+    - chunk_size: C, positions per chunk of the causal scan
+
+    A query whose normaliser is 0 (no visible key) gets a zero output row and
+    zero gradients. Returns (out, cache) with out (..., N, Dv).
+    """
+    if causal:
+        numerator, denominator, sums_cache = causal_sums_forward(
+            query_features, key_features, v, chunk_size
+        )
+    else:
+        # 1. Key summaries, linear in M: K'^T V and K'^T 1.
+        kv = np.swapaxes(key_features, -1, -2) @ v  # (..., F, M) @ (..., M, Dv) -> (..., F, Dv)
+        key_sum = np.sum(key_features, axis=-2)  # (..., F)
+
+        # 2. Numerator Q' (K'^T V) and denominator Q' (K'^T 1) of every query.
+        numerator = query_features @ kv  # (..., N, F) @ (..., F, Dv) -> (..., N, Dv)
+        denominator = query_features @ key_sum[..., None]  # (..., N, F) @ (..., F, 1) -> (..., N, 1)
+        sums_cache = (query_features, key_features, v, kv, key_sum)
+
+    # 3. Row normalisation; an empty row (denominator 0) stays zero.
+    inverse = np.zeros_like(denominator)  # (..., N, 1)
+    np.divide(1.0, denominator, out=inverse, where=denominator > 0)
+    out = numerator * inverse  # (..., N, Dv)
+
+    cache = {"causal": causal, "sums": sums_cache, "inverse": inverse, "out": out}
+    return out, cache
+
+
+def linear_attention_backward(dout, cache):
+    """Backward of linear_attention_forward; returns (dquery_features, dkey_features, dv).
+
+    The cache holds 1 / denominator, out and the inputs and sums of the
+    forward (the causal path also keeps its chunked prefix sums).
+    """
+    inverse, out = cache["inverse"], cache["out"]
+
+    # 3. out = numerator / denominator
+    dnumerator = dout * inverse  # (..., N, Dv)
+    ddenominator = -np.sum(dout * out, axis=-1, keepdims=True) * inverse  # (..., N, 1)
+
+    if cache["causal"]:
+        return causal_sums_backward(dnumerator, ddenominator, cache["sums"])
+
+    query_features, key_features, v, kv, key_sum = cache["sums"]
+
+    # 2. numerator = Q' kv, denominator = Q' key_sum: Q' feeds both (a fork).
+    dquery_features = dnumerator @ np.swapaxes(kv, -1, -2)  # (..., N, Dv) @ (..., Dv, F) -> (..., N, F)
+    dquery_features += ddenominator * key_sum[..., None, :]
+    dkv = np.swapaxes(query_features, -1, -2) @ dnumerator  # (..., F, N) @ (..., N, Dv) -> (..., F, Dv)
+    dkey_sum = np.swapaxes(query_features, -1, -2) @ ddenominator  # (..., F, N) @ (..., N, 1) -> (..., F, 1)
+
+    # 1. kv = K'^T V, key_sum = K'^T 1: K' feeds both (a fork).
+    dkey_features = v @ np.swapaxes(dkv, -1, -2)  # (..., M, Dv) @ (..., Dv, F) -> (..., M, F)
+    dkey_features += np.swapaxes(dkey_sum, -1, -2)
+    dv = key_features @ dkv  # (..., M, F) @ (..., F, Dv) -> (..., M, Dv)
+    return dquery_features, dkey_features, dv
+
+
+def causal_sums_forward(query_features, key_features, v, chunk_size):
+    """Causal numerator and denominator by chunked prefix sums.
+
+    Queries are placed at their key positions i + (M - N) in a frame of M
+    positions (rows outside the frame see no key), the frame is padded to a
+    multiple of C with zero rows, and for every chunk c of C positions:
+
+        U_c = K'_c^T V_c,  z_c = K'_c^T 1                 chunk states
+        S_c = sum_{c' < c} U_c',  Z_c = sum_{c' < c} z_c'  prefix sums
+        A_c = tril(Q'_c K'_c^T)                            inside the chunk
+        numerator_c = A_c V_c + Q'_c S_c,   denominator_c = A_c 1 + Q'_c Z_c
+
+    Returns (numerator (..., N, Dv), denominator (..., N, 1), cache).
+    """
+    n_queries, n_keys = query_features.shape[-2], key_features.shape[-2]
+    batch_shape = query_features.shape[:-2]
+    num_features, value_width = key_features.shape[-1], v.shape[-1]
+    shift = n_keys - n_queries
+    n_chunks = max(1, -(-n_keys // chunk_size))
+    frame = n_chunks * chunk_size
+
+    # 1. Frame: row t holds the query at key position t (zeros where there is none).
+    frame_queries = np.zeros(batch_shape + (frame, num_features), dtype=query_features.dtype)
+    first = max(0, -shift)  # queries before the first key see nothing
+    frame_queries[..., first + shift:n_keys, :] = query_features[..., first:, :]
+    frame_keys = np.zeros(batch_shape + (frame, num_features), dtype=key_features.dtype)
+    frame_keys[..., :n_keys, :] = key_features
+    frame_values = np.zeros(batch_shape + (frame, value_width), dtype=v.dtype)
+    frame_values[..., :n_keys, :] = v
+    chunked_queries = frame_queries.reshape(batch_shape + (n_chunks, chunk_size, num_features))
+    chunked_keys = frame_keys.reshape(batch_shape + (n_chunks, chunk_size, num_features))
+    chunked_values = frame_values.reshape(batch_shape + (n_chunks, chunk_size, value_width))
+
+    # 2. Chunk states U_c = K'_c^T V_c and z_c = K'_c^T 1.
+    keys_t = np.swapaxes(chunked_keys, -1, -2)  # (..., n_chunks, F, C)
+    states = keys_t @ chunked_values  # (..., n_chunks, F, C) @ (..., n_chunks, C, Dv) -> (..., n_chunks, F, Dv)
+    key_sums = np.sum(chunked_keys, axis=-2)  # (..., n_chunks, F)
+
+    # 3. Exclusive prefix sums over earlier chunks: S_c and Z_c.
+    prefix_states = exclusive_prefix_sum(states, axis=-3)  # (..., n_chunks, F, Dv)
+    prefix_sums = exclusive_prefix_sum(key_sums, axis=-2)  # (..., n_chunks, F)
+
+    # 4. Inside each chunk: A_c = tril(Q'_c K'_c^T), position s <= t.
+    tril = np.tril(np.ones((chunk_size, chunk_size), dtype=bool))  # (C, C)
+    local = chunked_queries @ keys_t  # (..., n_chunks, C, F) @ (..., n_chunks, F, C) -> (..., n_chunks, C, C)
+    local *= tril
+
+    # 5. numerator = A_c V_c + Q'_c S_c, denominator = A_c 1 + Q'_c Z_c.
+    numerator = local @ chunked_values  # (..., n_chunks, C, C) @ (..., n_chunks, C, Dv) -> (..., n_chunks, C, Dv)
+    numerator += chunked_queries @ prefix_states  # (..., n_chunks, C, F) @ (..., n_chunks, F, Dv)
+    denominator = np.sum(local, axis=-1, keepdims=True)  # (..., n_chunks, C, 1)
+    denominator += chunked_queries @ prefix_sums[..., None]  # (..., n_chunks, C, F) @ (..., n_chunks, F, 1)
+
+    # Back from the frame to the N queries (rows that see no key stay zero).
+    numerator = unframe(numerator.reshape(batch_shape + (frame, value_width)), n_queries, shift)
+    denominator = unframe(denominator.reshape(batch_shape + (frame, 1)), n_queries, shift)
+    cache = (
+        chunked_queries, chunked_keys, chunked_values, local, prefix_states, prefix_sums,
+        tril, shift, n_queries, n_keys,
+    )
+    return numerator, denominator, cache
+
+
+def causal_sums_backward(dnumerator, ddenominator, cache):
+    """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
+
+    The prefix sums S_c = sum_{c' < c} U_c' become suffix sums of their
+    gradients: dU_c = sum_{c' > c} dS_c'.
+    """
+    (chunked_queries, chunked_keys, chunked_values, local, prefix_states, prefix_sums,
+     tril, shift, n_queries, n_keys) = cache
+    batch_shape = chunked_queries.shape[:-3]
+    n_chunks, chunk_size, num_features = chunked_queries.shape[-3:]
+    value_width = chunked_values.shape[-1]
+    frame = n_chunks * chunk_size
+    dnumerator = frame_gradient(dnumerator, frame, shift).reshape(
+        batch_shape + (n_chunks, chunk_size, value_width)
+    )
+    ddenominator = frame_gradient(ddenominator, frame, shift).reshape(
+        batch_shape + (n_chunks, chunk_size, 1)
+    )
+    queries_t = np.swapaxes(chunked_queries, -1, -2)  # (..., n_chunks, F, C)
+
+    # 5. numerator = A_c V_c + Q'_c S_c, denominator = A_c 1 + Q'_c Z_c: Q'_c and A_c feed both.
+    dlocal = dnumerator @ np.swapaxes(chunked_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., n_chunks, C, C)
+    dlocal += ddenominator
+    dvalues = np.swapaxes(local, -1, -2) @ dnumerator  # (..., C, C) @ (..., C, Dv) -> (..., n_chunks, C, Dv)
+    dqueries = dnumerator @ np.swapaxes(prefix_states, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., n_chunks, C, F)
+    dqueries += ddenominator * prefix_sums[..., None, :]
+    dprefix_states = queries_t @ dnumerator  # (..., F, C) @ (..., C, Dv) -> (..., n_chunks, F, Dv)
+    dprefix_sums = (queries_t @ ddenominator)[..., 0]  # (..., F, C) @ (..., C, 1) -> (..., n_chunks, F)
+
+    # 4. A_c = tril(Q'_c K'_c^T)
+    dlocal *= tril
+    dqueries += dlocal @ chunked_keys  # (..., C, C) @ (..., C, F) -> (..., n_chunks, C, F)
+    dkeys = np.swapaxes(dlocal, -1, -2) @ chunked_queries  # (..., C, C) @ (..., C, F) -> (..., n_chunks, C, F)
+
+    # 3. S_c, Z_c = exclusive prefix sums: their backward is the exclusive suffix sum.
+    dstates = exclusive_suffix_sum(dprefix_states, axis=-3)  # (..., n_chunks, F, Dv)
+    dkey_sums = exclusive_suffix_sum(dprefix_sums, axis=-2)  # (..., n_chunks, F)
+
+    # 2. U_c = K'_c^T V_c, z_c = K'_c^T 1: K'_c feeds both (a fork).
+    dkeys += chunked_values @ np.swapaxes(dstates, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., n_chunks, C, F)
+    dkeys += dkey_sums[..., None, :]
+    dvalues += chunked_keys @ dstates  # (..., C, F) @ (..., F, Dv) -> (..., n_chunks, C, Dv)
+
+    # 1. The frame: copy the rows of the real queries and keys back out.
+    dqueries = dqueries.reshape(batch_shape + (frame, num_features))
+    dquery_features = unframe(dqueries, n_queries, shift)  # (..., N, F)
+    dkey_features = dkeys.reshape(batch_shape + (frame, num_features))[..., :n_keys, :]  # (..., M, F)
+    dv = dvalues.reshape(batch_shape + (frame, value_width))[..., :n_keys, :]  # (..., M, Dv)
+    return dquery_features, dkey_features, dv
+
+
+def unframe(frame_rows, n_queries, shift):
+    """Return the N query rows of frame rows (..., frame, X): query i is frame row i + shift."""
+    out = np.zeros(frame_rows.shape[:-2] + (n_queries, frame_rows.shape[-1]), dtype=frame_rows.dtype)
+    first = max(0, -shift)
+    out[..., first:, :] = frame_rows[..., first + shift:n_queries + shift, :]
+    return out
+
+
+def frame_gradient(query_rows, frame, shift):
+    """Place per-query gradients (..., N, X) at their frame rows (..., frame, X); the adjoint of unframe."""
+    n_queries = query_rows.shape[-2]
+    out = np.zeros(query_rows.shape[:-2] + (frame, query_rows.shape[-1]), dtype=query_rows.dtype)
+    first = max(0, -shift)
+    out[..., first + shift:n_queries + shift, :] = query_rows[..., first:, :]
+    return out
+
+
+def exclusive_prefix_sum(x, axis):
+    """Return y with y[c] = sum of x[c'] for c' < c along axis (y[0] = 0)."""
+    total = np.cumsum(x, axis=axis)
+    out = np.zeros_like(x)
+    source = [slice(None)] * x.ndim
+    target = [slice(None)] * x.ndim
+    source[axis], target[axis] = slice(None, -1), slice(1, None)
+    out[tuple(target)] = total[tuple(source)]
+    return out
+
+
+def exclusive_suffix_sum(x, axis):
+    """Return y with y[c] = sum of x[c'] for c' > c along axis (y[-1] = 0)."""
+    return np.flip(exclusive_prefix_sum(np.flip(x, axis=axis), axis), axis=axis)
+
+
+# --- FAVOR+ attention -------------------------------------------------------------
+
+
+def favor_attention_forward(
+    q,
+    k,
+    v,
+    features,
+    *,
+    causal=False,
+    key_valid=None,
+    kernel="softmax",
+    eps=None,
+    stabilisers=None,
+    chunk_size=64,
+):
+    """FAVOR+ attention D^-1 (phi(Q) (phi(K)^T V)), bidirectional or causal.
+
+    Inputs:
+    - q: queries (..., N, D); k: keys (..., M, D); v: values (..., M, Dv)
+    - features: the random feature matrix W (F, D), e.g. from draw_features
+    - causal: query i attends key j only when j <= i + (M - N)
+    - key_valid: optional bool (..., M), False on padded keys
+    - kernel: "softmax" (positive random features) or "relu" (generalized kernel)
+    - eps: constant added to every feature; 1e-6 for softmax, 1e-3 for relu by default
+    - stabilisers: optional (query c (..., N, 1), key c (..., 1, 1)) to use
+      instead of computing them, e.g. cache["stabilisers"] of an earlier call
+    - chunk_size: C, positions per chunk of the causal scan
+
+    Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] holds the
+    stabilisers used ((None, None) for the relu kernel).
+    """
+    check_attention_inputs(q, k, v)
+    features = check_features(features, q.shape[-1], q.dtype)
+    check_choice("kernel", kernel, KERNELS)
+    eps = DEFAULT_EPS[kernel] if eps is None else eps
+    check_real("eps", eps, minimum=0.0)
+    check_int("chunk_size", chunk_size, minimum=1)
+    if key_valid is not None:
+        key_valid = check_key_valid(key_valid, k.shape[:-1])
+    if kernel == "softmax":
+        query_stabiliser, key_stabiliser = ("row", "shared") if stabilisers is None else stabilisers
+    elif stabilisers is not None:
+        raise ValueError("stabilisers apply to the softmax kernel only; the relu kernel has none")
+    features_forward, _ = FEATURE_MAPS[kernel]
+
+    # 1. Query features phi(Q), stabilised per row.
+    options = {"stabiliser": query_stabiliser} if kernel == "softmax" else {}
+    query_features, query_cache = features_forward(q, features, eps=eps, **options)  # (..., N, F)
+
+    # 2. Key features phi(K), one stabiliser shared by all valid keys, padded rows zero.
+    options = {"stabiliser": key_stabiliser} if kernel == "softmax" else {}
+    key_features, key_cache = features_forward(k, features, eps=eps, valid=key_valid, **options)  # (..., M, F)
+
+    # 3. Linear attention on the features, never forming the N x M matrix.
+    out, attention_cache = linear_attention_forward(
+        query_features, key_features, v, causal=causal, chunk_size=chunk_size
+    )  # (..., N, Dv)
+
+    cache = {
+        "kernel": kernel,
+        "query": query_cache,
+        "key": key_cache,
+        "attention": attention_cache,
+        "features": features,
+        "stabilisers": (query_cache["stabiliser"], key_cache["stabiliser"]),
+    }
+    return out, cache
+
+
+def favor_attention_backward(dout, cache):
+    """Backward of favor_attention_forward with features and stabilisers held fixed.
+
+    The cache holds the sub-caches of the two feature maps and the linear
+    attention. Returns (dq, dk, dv).
+    """
+    _, features_backward = FEATURE_MAPS[cache["kernel"]]
+
+    # 3. out = linear attention on phi(Q), phi(K), V.
+    dquery_features, dkey_features, dv = linear_attention_backward(dout, cache["attention"])
+
+    # 2. phi(K)
+    dk = features_backward(dkey_features, cache["key"])
+
+    # 1. phi(Q)
+    dq = features_backward(dquery_features, cache["query"])
+    return dq, dk, dv
+
+
+def check_key_valid(key_valid, key_shape):
+    """Check a bool key_valid array broadcastable to key_shape (..., M); return it broadcast."""
+    if not isinstance(key_valid, np.ndarray) or key_valid.dtype != np.bool_:
+        raise TypeError(f"key_valid must be a bool numpy.ndarray (..., M), got {type(key_valid).__name__}")
+    try:
+        return np.broadcast_to(key_valid, key_shape)
+    except ValueError:
+        raise ValueError(
+            f"key_valid has shape {key_valid.shape}; expected a shape broadcastable to {key_shape} (..., M)"
+        ) from None
+
+
+def approximate_attention_matrix(q, k, features, *, causal=False, key_valid=None, kernel="softmax", eps=None):
+    """Materialise the N x M matrix D^-1 phi(Q) phi(K)^T that FAVOR+ applies to V.
+
+    For tests and teaching only: it costs O(N M) memory, which FAVOR+ avoids.
+    Causal masking keeps j <= i + (M - N); an empty row stays zero.
+    Returns the matrix (..., N, M).
+    """
+    _, cache = favor_attention_forward(
+        q, k, np.zeros_like(k[..., :1]), features, causal=causal, key_valid=key_valid, kernel=kernel, eps=eps
+    )
+    query_features = cache["query"]["phi"]
+    key_features = cache["key"]["phi"]
+    weights = query_features @ np.swapaxes(key_features, -1, -2)  # (..., N, F) @ (..., F, M) -> (..., N, M)
+    if causal:
+        n_queries, n_keys = q.shape[-2], k.shape[-2]
+        weights *= np.arange(n_keys)[None, :] <= np.arange(n_queries)[:, None] + (n_keys - n_queries)
+    total = np.sum(weights, axis=-1, keepdims=True)  # (..., N, 1)
+    inverse = np.zeros_like(total)
+    np.divide(1.0, total, out=inverse, where=total > 0)
+    return weights * inverse
+
+
+# --- the method object ----------------------------------------------------------
+
+
+class PerformerAttention:
+    """FAVOR+ attention as an attention method object (features kept between calls).
+
+    The features are drawn from rng when the head width is known: at
+    construction when width or features is given, otherwise at the first
+    forward. They change only when redraw_features() is called, never inside
+    forward or backward. Accepted masks are key-padding masks, which broadcast
+    over queries ((..., 1, M)); a mask that differs between queries would need
+    the N x M matrix and is rejected.
+    """
+
+    name = "performer"
+
+    def __init__(
+        self,
+        *,
+        rng=None,
+        num_features=256,
+        orthogonal=True,
+        kernel="softmax",
+        eps=None,
+        chunk_size=64,
+        width=None,
+        features=None,
+    ):
+        self.rng = np.random.default_rng(0) if rng is None else rng
+        check_generator("rng", self.rng)
+        check_int("num_features", num_features, minimum=1)
+        check_choice("kernel", kernel, KERNELS)
+        self.eps = DEFAULT_EPS[kernel] if eps is None else eps
+        check_real("eps", self.eps, minimum=0.0)
+        check_int("chunk_size", chunk_size, minimum=1)
+        self.num_features = num_features
+        self.orthogonal = bool(orthogonal)
+        self.kernel = kernel
+        self.chunk_size = chunk_size
+        self.features = None
+        if features is not None:
+            check_float_array("features", features, min_ndim=2)
+            self.features = check_features(features, features.shape[-1], features.dtype)
+            self.num_features = features.shape[0]
+        elif width is not None:
+            self.redraw_features(width)
+
+    def redraw_features(self, width=None):
+        """Draw a new feature matrix (F, D) from the kept generator and return it."""
+        if width is None:
+            if self.features is None:
+                raise ValueError("redraw_features() needs width=D before the first forward")
+            width = self.features.shape[1]
+        self.features = draw_features(self.num_features, width, self.rng, orthogonal=self.orthogonal)
+        return self.features
+
+    def forward(self, q, k, v, *, mask=None, causal=False):
+        check_attention_inputs(q, k, v)
+        if self.features is None:
+            self.redraw_features(q.shape[-1])
+        key_valid = None
+        if mask is not None:
+            check_mask(mask, q.shape[:-2] + (q.shape[-2], k.shape[-2]))
+            if mask.ndim >= 2 and mask.shape[-2] != 1:
+                raise ValueError(
+                    f"mask has shape {mask.shape}; performer accepts only key-padding masks that "
+                    f"broadcast over queries, shape (..., 1, M), because a per-query mask needs "
+                    f"the N x M matrix"
+                )
+            key_valid = mask[..., 0, :] if mask.ndim >= 2 else mask
+        return favor_attention_forward(
+            q, k, v, self.features, causal=causal, key_valid=key_valid, kernel=self.kernel,
+            eps=self.eps, chunk_size=self.chunk_size,
+        )
+
+    def backward(self, dout, cache):
+        return favor_attention_backward(dout, cache)
+
+    def keys_seen(self, cache):
+        """Return None: every allowed key contributes to every query's output."""
+        return None
+
+
+def make_method(rng=None, **options):
+    """Return PerformerAttention(rng=rng, **options); see PerformerAttention for the options."""
+    return PerformerAttention(rng=rng, **options)
+
+
+def gradcheck_cases(rng):
+    """Return small float64 gradient-check cases (label, forward, backward, inputs, names).
+
+    The features are drawn once per case and closed over. Cases with eps > 0
+    also freeze the stabilisers of the unperturbed inputs, because c then no
+    longer cancels and a finite-difference step would move it.
+    """
+    cases = []
+    q = rng.standard_normal((1, 2, 5, 4))  # (B, H, N, D)
+    k = rng.standard_normal((1, 2, 7, 4))  # (B, H, M, D)
+    v = rng.standard_normal((1, 2, 7, 3))  # (B, H, M, Dv)
+    features = draw_features(6, 4, rng)  # (F, D)
+    for causal in (False, True):
+        for kernel, eps in (("softmax", 0.0), ("softmax", 1e-3), ("relu", 1e-3)):
+            _, cache = favor_attention_forward(q, k, v, features, causal=causal, kernel=kernel, eps=eps)
+            stabilisers = cache["stabilisers"] if kernel == "softmax" else None
+
+            def forward(q, k, v, causal=causal, kernel=kernel, eps=eps, stabilisers=stabilisers):
+                return favor_attention_forward(
+                    q, k, v, features, causal=causal, kernel=kernel, eps=eps,
+                    stabilisers=stabilisers, chunk_size=3,
+                )
+
+            label = f"{'causal' if causal else 'bidirectional'} {kernel} eps={eps:g}"
+            cases.append((label, forward, favor_attention_backward, [q, k, v], ["q", "k", "v"]))
+    return cases
+
+
+__all__ = [
+    "PerformerAttention",
+    "approximate_attention_matrix",
+    "draw_features",
+    "favor_attention_backward",
+    "favor_attention_forward",
+    "gradcheck_cases",
+    "linear_attention_backward",
+    "linear_attention_forward",
+    "make_method",
+    "relu_kernel_features_backward",
+    "relu_kernel_features_forward",
+    "softmax_kernel_features_backward",
+    "softmax_kernel_features_forward",
+]
