@@ -31,10 +31,11 @@ eps. The backward treats c as a constant, and gradient checks with eps > 0
 pass the stabilisers of the unperturbed input explicitly.
 
 Orthogonal random features (ORF). W is a stack of ceil(F / D) blocks of D
-mutually orthogonal rows (the Q factor of the QR decomposition of a D x D
-Gaussian matrix); each row is then rescaled to the norm of an independent
-Gaussian D-vector (a chi_D draw), so every row is still marginally N(0, I_D)
-and the estimate stays unbiased, with lower variance than i.i.d. rows. The
+mutually orthogonal rows, each block the Q factor of the QR decomposition of
+a D x D Gaussian matrix. Each row is then rescaled to the norm of an
+independent Gaussian D-vector (a chi_D draw). Every row is therefore still
+marginally N(0, I_D), so the estimate stays unbiased, with lower variance
+than i.i.d. rows. The
 i.i.d. Gaussian option is kept for comparison. The generalized ReLU kernel
 phi(x) = F^-1/2 (ReLU(W x~) + eps) is an alternative kernel, not an
 approximation of softmax.
@@ -114,8 +115,8 @@ def draw_features(num_features, width, rng, *, orthogonal=True, dtype=np.float64
     for _ in range(-(-num_features // width)):
         gaussian = rng.standard_normal((width, width))  # (D, D)
         q_factor, r_factor = np.linalg.qr(gaussian)
-        # QR fixes the signs of R's diagonal, which biases Q; flipping columns of
-        # Q by those signs makes it uniformly (Haar) distributed.
+        # The signs QR leaves on R's diagonal bias Q. Flipping the columns of Q
+        # by those signs makes it uniformly (Haar) distributed.
         q_factor = q_factor * np.sign(np.diag(r_factor))
         blocks.append(q_factor.T)  # rows orthonormal, each uniform on the sphere
     directions = np.concatenate(blocks, axis=0)[:num_features]  # (F, D)
@@ -166,8 +167,9 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
     exponents -= 0.5 * np.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
 
     # 3. Stabiliser c: the maximum exponent of each row, or of all valid rows.
-    # NOTE: c is the max of the whole exponent u, where the reference code takes the
-    # max of W x~ alone. Both are constants that cancel; this one also keeps the
+    # NOTE: c is the max of the whole exponent u. Google's JAX FAVOR+
+    # (google-research performer/fast_attention/jax/fast_attention.py) takes the
+    # max of W x~ alone. Both are constants that cancel. This one also keeps the
     # largest feature at exactly F^-1/2 (1 + eps), so large norms cannot underflow
     # every feature of a row to zero.
     stabiliser = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1)
@@ -208,7 +210,7 @@ def compute_stabiliser(exponents, mode, valid):
 def softmax_kernel_features_backward(dphi, cache):
     """Backward of softmax_kernel_features_forward with the stabiliser held constant.
 
-    The cache holds x~, W, phi, eps, the valid rows and the constants. With
+    The cache contains x~, W, phi, eps, the valid rows and the constants. With
     phi^ = phi - F^-1/2 eps = F^-1/2 exp(u - c) on valid rows:
         du = dphi * phi^,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
     Returns dx (..., L, D).
@@ -265,7 +267,7 @@ def relu_kernel_features_forward(x, features, *, eps=1e-3, valid=None):
 def relu_kernel_features_backward(dphi, cache):
     """Backward of relu_kernel_features_forward; returns dx (..., L, D).
 
-    The cache holds the projections a = W x~, W, the valid rows and the
+    The cache contains the projections a = W x~, W, the valid rows and the
     constants. ReLU's derivative is taken as 0 at a = 0.
     """
     dtype = dphi.dtype.type
@@ -298,7 +300,7 @@ def linear_attention_forward(query_features, key_features, v, *, causal=False, c
     - query_features: Q' = phi(Q) (..., N, F), non-negative
     - key_features: K' = phi(K) (..., M, F), zero rows for padded keys
     - v: values (..., M, Dv)
-    - causal: query i sees key j only when j <= i + (M - N), through prefix sums
+    - causal: query i attends key j only when j <= i + (M - N), through prefix sums
     - chunk_size: C, positions per chunk of the causal scan
 
     A query whose normaliser is 0 (no visible key) gets a zero output row and
@@ -330,7 +332,7 @@ def linear_attention_forward(query_features, key_features, v, *, causal=False, c
 def linear_attention_backward(dout, cache):
     """Backward of linear_attention_forward; returns (dquery_features, dkey_features, dv).
 
-    The cache holds 1 / denominator, out and the inputs and sums of the
+    The cache contains 1 / denominator, out and the inputs and sums of the
     forward (the causal path also keeps its chunked prefix sums).
     """
     inverse, out = cache["inverse"], cache["out"]
@@ -360,9 +362,9 @@ def linear_attention_backward(dout, cache):
 def causal_sums_forward(query_features, key_features, v, chunk_size):
     """Causal numerator and denominator by chunked prefix sums.
 
-    Queries are placed at their key positions i + (M - N) in a frame of M
-    positions (rows outside the frame see no key), the frame is padded to a
-    multiple of C with zero rows, and for every chunk c of C positions:
+    Each query i is placed at its key position i + (M - N) in a frame of M
+    positions, and queries outside the frame see no key. The frame is padded
+    to a multiple of C with zero rows. For every chunk c of C positions:
 
         U_c = K'_c^T V_c,  z_c = K'_c^T 1                 chunk states
         S_c = sum_{c' < c} U_c',  Z_c = sum_{c' < c} z_c'  prefix sums
@@ -577,7 +579,7 @@ def favor_attention_forward(
 def favor_attention_backward(dout, cache):
     """Backward of favor_attention_forward with features and stabilisers held fixed.
 
-    The cache holds the sub-caches of the two feature maps and the linear
+    The cache contains the sub-caches of the two feature maps and the linear
     attention. Returns (dq, dk, dv).
     """
     _, features_backward = FEATURE_MAPS[cache["kernel"]]
@@ -637,8 +639,8 @@ class PerformerAttention:
     construction when width or features is given, otherwise at the first
     forward. They change only when redraw_features() is called, never inside
     forward or backward. Accepted masks are key-padding masks, which broadcast
-    over queries ((..., 1, M)); a mask that differs between queries would need
-    the N x M matrix and is rejected.
+    over queries with shape (..., 1, M). A mask that differs between queries
+    would need the N x M matrix, so it is rejected.
     """
 
     name = "performer"

@@ -361,8 +361,11 @@ def test_fully_padded_sequence_gives_zero_output_and_gradients(rng):
         out, cache = favor_attention_forward(q, k, v, features, causal=causal, key_valid=key_valid)
         dq, dk, dv = favor_attention_backward(rng.standard_normal(out.shape), cache)
         assert np.all(out[1] == 0.0)
-        assert np.all(dq[1] == 0.0) and np.all(dk[1] == 0.0) and np.all(dv[1] == 0.0)
-        assert np.all(np.isfinite(out)) and np.all(np.isfinite(dq))
+        assert np.all(dq[1] == 0.0)
+        assert np.all(dk[1] == 0.0)
+        assert np.all(dv[1] == 0.0)
+        assert np.all(np.isfinite(out))
+        assert np.all(np.isfinite(dq))
 
 
 def test_causal_queries_before_every_key_get_zero_rows(rng):
