@@ -46,10 +46,11 @@ the last N key positions). With k'_s = phi(k_s):
     S_t = sum_{s <= t} k'_s v_s^T  (F, Dv),   z_t = sum_{s <= t} k'_s  (F,)
     out_t = (q'_t^T S_t) / (q'_t . z_t)
 
-computed over chunks of C positions: prefix sums of the per-chunk states carry
-everything before a chunk, and a C x C lower-triangular product covers the
+computed by a scan over chunks of C positions. The running sums S and z carry
+every key before a chunk, and a C x C lower-triangular product covers the
 keys inside it. C = 1 is the plain per-token prefix sum. The backward of a
-prefix sum is a suffix sum: G_t = sum_{s >= t} q'_s dnum_s^T.
+prefix sum is a suffix sum, G_t = sum_{s >= t} q'_s dnum_s^T, carried by a
+reverse scan.
 
 Padding. A key-padding mask zeroes the rows of phi(K), which removes those
 keys from numerator and denominator. Zeroing the raw key would not: phi(0)
@@ -64,9 +65,9 @@ features used, so a backward always matches its forward and a gradient check
 sees one fixed function.
 
 Complexity per head: O((N + M) F D + (N + M) F Dv) time and O((N + M) F + F Dv)
-memory bidirectional; causal adds O(N C F) time and O(N C + (N / C) F Dv)
-memory for the chunks, against O(N M D) time and O(N M) memory for exact
-attention.
+memory bidirectional. Causal adds O(M C F) time for the chunk blocks and
+holds only O(C^2 + F Dv) beyond the features. Exact attention costs
+O(N M D) time and O(N M) memory.
 """
 
 import numpy as np
@@ -360,150 +361,161 @@ def linear_attention_backward(dout, cache):
 
 
 def causal_sums_forward(query_features, key_features, v, chunk_size):
-    """Causal numerator and denominator by chunked prefix sums.
+    """Causal numerator and denominator by a scan over chunks of C key positions.
 
-    Each query i is placed at its key position i + (M - N) in a frame of M
-    positions, and queries outside the frame see no key. The frame is padded
-    to a multiple of C with zero rows. For every chunk c of C positions:
+    Each query i sits at key position i + (M - N). The scan keeps the running
+    prefix sums of the keys before the current chunk,
 
-        U_c = K'_c^T V_c,  z_c = K'_c^T 1                 chunk states
-        S_c = sum_{c' < c} U_c',  Z_c = sum_{c' < c} z_c'  prefix sums
-        A_c = tril(Q'_c K'_c^T)                            inside the chunk
-        numerator_c = A_c V_c + Q'_c S_c,   denominator_c = A_c 1 + Q'_c Z_c
+        S = sum_s K'_s^T V_s  (F, Dv),   z = sum_s K'_s  (F,),
 
-    Returns (numerator (..., N, Dv), denominator (..., N, 1), cache).
+    and for the chunk's rows t (queries) and s (keys), with A_c = tril(Q'_c K'_c^T):
+
+        numerator_c = A_c V_c + Q'_c S,   denominator_c = A_c 1 + Q'_c z
+        S += K'_c^T V_c,                  z += K'_c^T 1
+
+    C = 1 is the per-token prefix sum. Only S, z and one C x C block are held
+    at a time. Returns (numerator (..., N, Dv), denominator (..., N, 1), cache).
     """
     n_queries, n_keys = query_features.shape[-2], key_features.shape[-2]
     batch_shape = query_features.shape[:-2]
     num_features, value_width = key_features.shape[-1], v.shape[-1]
     shift = n_keys - n_queries
-    n_chunks = max(1, -(-n_keys // chunk_size))
-    frame = n_chunks * chunk_size
-
-    # 1. Frame: row t holds the query at key position t (zeros where there is none).
-    frame_queries = np.zeros(batch_shape + (frame, num_features), dtype=query_features.dtype)
-    first = max(0, -shift)  # queries before the first key see nothing
-    frame_queries[..., first + shift:n_keys, :] = query_features[..., first:, :]
-    frame_keys = np.zeros(batch_shape + (frame, num_features), dtype=key_features.dtype)
-    frame_keys[..., :n_keys, :] = key_features
-    frame_values = np.zeros(batch_shape + (frame, value_width), dtype=v.dtype)
-    frame_values[..., :n_keys, :] = v
-    chunked_queries = frame_queries.reshape(batch_shape + (n_chunks, chunk_size, num_features))
-    chunked_keys = frame_keys.reshape(batch_shape + (n_chunks, chunk_size, num_features))
-    chunked_values = frame_values.reshape(batch_shape + (n_chunks, chunk_size, value_width))
-
-    # 2. Chunk states U_c = K'_c^T V_c and z_c = K'_c^T 1.
-    keys_t = np.swapaxes(chunked_keys, -1, -2)  # (..., n_chunks, F, C)
-    states = keys_t @ chunked_values  # (..., n_chunks, F, C) @ (..., n_chunks, C, Dv) -> (..., n_chunks, F, Dv)
-    key_sums = np.sum(chunked_keys, axis=-2)  # (..., n_chunks, F)
-
-    # 3. Exclusive prefix sums over earlier chunks: S_c and Z_c.
-    prefix_states = exclusive_prefix_sum(states, axis=-3)  # (..., n_chunks, F, Dv)
-    prefix_sums = exclusive_prefix_sum(key_sums, axis=-2)  # (..., n_chunks, F)
-
-    # 4. Inside each chunk: A_c = tril(Q'_c K'_c^T), position s <= t.
+    frame_queries = frame_rows(query_features, n_keys, shift)  # (..., M, F)
     tril = np.tril(np.ones((chunk_size, chunk_size), dtype=bool))  # (C, C)
-    local = chunked_queries @ keys_t  # (..., n_chunks, C, F) @ (..., n_chunks, F, C) -> (..., n_chunks, C, C)
-    local *= tril
 
-    # 5. numerator = A_c V_c + Q'_c S_c, denominator = A_c 1 + Q'_c Z_c.
-    numerator = local @ chunked_values  # (..., n_chunks, C, C) @ (..., n_chunks, C, Dv) -> (..., n_chunks, C, Dv)
-    numerator += chunked_queries @ prefix_states  # (..., n_chunks, C, F) @ (..., n_chunks, F, Dv)
-    denominator = np.sum(local, axis=-1, keepdims=True)  # (..., n_chunks, C, 1)
-    denominator += chunked_queries @ prefix_sums[..., None]  # (..., n_chunks, C, F) @ (..., n_chunks, F, 1)
+    numerator = np.empty(batch_shape + (n_keys, value_width), dtype=v.dtype)  # (..., M, Dv)
+    denominator = np.empty(batch_shape + (n_keys, 1), dtype=v.dtype)  # (..., M, 1)
+    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
+    key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
+    for start in range(0, n_keys, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_keys))
+        size = rows.stop - rows.start
+        chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
+        chunk_keys_t = np.swapaxes(key_features[..., rows, :], -1, -2)  # (..., F, C)
+        chunk_values = v[..., rows, :]  # (..., C, Dv)
 
-    # Back from the frame to the N queries (rows that see no key stay zero).
-    numerator = unframe(numerator.reshape(batch_shape + (frame, value_width)), n_queries, shift)
-    denominator = unframe(denominator.reshape(batch_shape + (frame, 1)), n_queries, shift)
-    cache = (
-        chunked_queries, chunked_keys, chunked_values, local, prefix_states, prefix_sums,
-        tril, shift, n_queries, n_keys,
-    )
+        # 1. Inside the chunk: A_c = tril(Q'_c K'_c^T), key s <= query position t.
+        local = chunk_queries @ chunk_keys_t  # (..., C, F) @ (..., F, C) -> (..., C, C)
+        local *= tril[:size, :size]
+
+        # 2. numerator = A_c V_c + Q'_c S, denominator = A_c 1 + Q'_c z.
+        numerator[..., rows, :] = local @ chunk_values + chunk_queries @ state  # (..., C, Dv)
+        denominator[..., rows, :] = np.sum(local, axis=-1, keepdims=True) + chunk_queries @ key_sum  # (..., C, 1)
+
+        # 3. Add the chunk's keys to the prefix sums.
+        state += chunk_keys_t @ chunk_values  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
+        key_sum += np.sum(chunk_keys_t, axis=-1, keepdims=True)
+
+    numerator = unframe_rows(numerator, n_queries, shift)  # (..., N, Dv)
+    denominator = unframe_rows(denominator, n_queries, shift)  # (..., N, 1)
+    cache = (frame_queries, key_features, v, tril, chunk_size, shift)
     return numerator, denominator, cache
 
 
 def causal_sums_backward(dnumerator, ddenominator, cache):
     """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
 
-    The prefix sums S_c = sum_{c' < c} U_c' become suffix sums of their
-    gradients: dU_c = sum_{c' > c} dS_c'.
+    Two scans with the chunk block recomputed. A forward scan rebuilds the
+    prefix sums S, z that the queries read:
+
+        dQ'_c = dA_c K'_c + dnumerator_c S^T + ddenominator_c z^T,
+        dA_c  = tril(dnumerator_c V_c^T + ddenominator_c 1^T)
+
+    A reverse scan carries the suffix sums of what later queries sent back,
+    G = sum_{later} Q'^T dnumerator (F, Dv) and g = sum_{later} Q'^T ddenominator (F, 1):
+
+        dK'_c = dA_c^T Q'_c + V_c G^T + g^T,   dV_c = A_c^T dnumerator_c + K'_c G
     """
-    (chunked_queries, chunked_keys, chunked_values, local, prefix_states, prefix_sums,
-     tril, shift, n_queries, n_keys) = cache
-    batch_shape = chunked_queries.shape[:-3]
-    n_chunks, chunk_size, num_features = chunked_queries.shape[-3:]
-    value_width = chunked_values.shape[-1]
-    frame = n_chunks * chunk_size
-    dnumerator = frame_gradient(dnumerator, frame, shift).reshape(
-        batch_shape + (n_chunks, chunk_size, value_width)
-    )
-    ddenominator = frame_gradient(ddenominator, frame, shift).reshape(
-        batch_shape + (n_chunks, chunk_size, 1)
-    )
-    queries_t = np.swapaxes(chunked_queries, -1, -2)  # (..., n_chunks, F, C)
+    frame_queries, key_features, v, tril, chunk_size, shift = cache
+    n_keys = key_features.shape[-2]
+    n_queries = dnumerator.shape[-2]
+    batch_shape = key_features.shape[:-2]
+    num_features, value_width = key_features.shape[-1], v.shape[-1]
+    dnumerator = frame_rows(dnumerator, n_keys, shift)  # (..., M, Dv)
+    ddenominator = frame_rows(ddenominator, n_keys, shift)  # (..., M, 1)
+    dframe_queries = np.empty_like(frame_queries)  # (..., M, F)
+    dkey_features = np.empty_like(key_features)  # (..., M, F)
+    dv = np.empty_like(v)  # (..., M, Dv)
+    starts = range(0, n_keys, chunk_size)
 
-    # 5. numerator = A_c V_c + Q'_c S_c, denominator = A_c 1 + Q'_c Z_c: Q'_c and A_c feed both.
-    dlocal = dnumerator @ np.swapaxes(chunked_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., n_chunks, C, C)
-    dlocal += ddenominator
-    dvalues = np.swapaxes(local, -1, -2) @ dnumerator  # (..., C, C) @ (..., C, Dv) -> (..., n_chunks, C, Dv)
-    dqueries = dnumerator @ np.swapaxes(prefix_states, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., n_chunks, C, F)
-    dqueries += ddenominator * prefix_sums[..., None, :]
-    dprefix_states = queries_t @ dnumerator  # (..., F, C) @ (..., C, Dv) -> (..., n_chunks, F, Dv)
-    dprefix_sums = (queries_t @ ddenominator)[..., 0]  # (..., F, C) @ (..., C, 1) -> (..., n_chunks, F)
+    def chunk(start):
+        rows = slice(start, min(start + chunk_size, n_keys))
+        size = rows.stop - rows.start
+        chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
+        chunk_keys = key_features[..., rows, :]  # (..., C, F)
+        chunk_values = v[..., rows, :]  # (..., C, Dv)
+        dchunk_numerator = dnumerator[..., rows, :]  # (..., C, Dv)
+        dchunk_denominator = ddenominator[..., rows, :]  # (..., C, 1)
+        # 2. numerator = A_c V_c + ..., denominator = A_c 1 + ...: A_c feeds both (a fork).
+        dlocal = dchunk_numerator @ np.swapaxes(chunk_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., C, C)
+        dlocal += dchunk_denominator  # (..., C, 1) broadcast over the keys of the chunk
+        # 1. A_c = tril(Q'_c K'_c^T)
+        dlocal *= tril[:size, :size]
+        return rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal
 
-    # 4. A_c = tril(Q'_c K'_c^T)
-    dlocal *= tril
-    dqueries += dlocal @ chunked_keys  # (..., C, C) @ (..., C, F) -> (..., n_chunks, C, F)
-    dkeys = np.swapaxes(dlocal, -1, -2) @ chunked_queries  # (..., C, C) @ (..., C, F) -> (..., n_chunks, C, F)
+    # Forward scan: the queries' gradients read the prefix sums S and z.
+    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
+    key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
+    for start in starts:
+        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+        # 2. numerator = ... + Q'_c S, denominator = ... + Q'_c z
+        dchunk_queries = dchunk_numerator @ np.swapaxes(state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dchunk_queries += dchunk_denominator @ np.swapaxes(key_sum, -1, -2)  # (..., C, 1) @ (..., 1, F)
+        # 1. A_c = tril(Q'_c K'_c^T)
+        dchunk_queries += dlocal @ chunk_keys  # (..., C, C) @ (..., C, F) -> (..., C, F)
+        dframe_queries[..., rows, :] = dchunk_queries
+        # 3. S += K'_c^T V_c, z += K'_c^T 1 (rebuilt for the next chunk)
+        state += np.swapaxes(chunk_keys, -1, -2) @ chunk_values
+        key_sum += np.sum(chunk_keys, axis=-2)[..., None]
 
-    # 3. S_c, Z_c = exclusive prefix sums: their backward is the exclusive suffix sum.
-    dstates = exclusive_suffix_sum(dprefix_states, axis=-3)  # (..., n_chunks, F, Dv)
-    dkey_sums = exclusive_suffix_sum(dprefix_sums, axis=-2)  # (..., n_chunks, F)
+    # Reverse scan: keys and values receive the suffix sums G and g of later queries.
+    suffix_state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # G: (..., F, Dv)
+    suffix_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # g: (..., F, 1)
+    for start in reversed(starts):
+        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+        # 3. S += K'_c^T V_c, z += K'_c^T 1: every later chunk read this chunk's keys.
+        dchunk_keys = chunk_values @ np.swapaxes(suffix_state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dchunk_keys += np.swapaxes(suffix_sum, -1, -2)
+        dchunk_values = chunk_keys @ suffix_state  # (..., C, F) @ (..., F, Dv) -> (..., C, Dv)
+        # 1. A_c = tril(Q'_c K'_c^T) and 2. numerator = A_c V_c + ...
+        local = chunk_queries @ np.swapaxes(chunk_keys, -1, -2)  # (..., C, F) @ (..., F, C) -> (..., C, C)
+        local *= tril[:local.shape[-2], :local.shape[-1]]
+        dchunk_keys += np.swapaxes(dlocal, -1, -2) @ chunk_queries  # (..., C, C) @ (..., C, F) -> (..., C, F)
+        dchunk_values += np.swapaxes(local, -1, -2) @ dchunk_numerator  # (..., C, C) @ (..., C, Dv)
+        dkey_features[..., rows, :] = dchunk_keys
+        dv[..., rows, :] = dchunk_values
+        # 2. The queries of this chunk read S and z, which held the keys of earlier chunks.
+        suffix_state += np.swapaxes(chunk_queries, -1, -2) @ dchunk_numerator  # (..., F, C) @ (..., C, Dv)
+        suffix_sum += np.swapaxes(chunk_queries, -1, -2) @ dchunk_denominator  # (..., F, C) @ (..., C, 1)
 
-    # 2. U_c = K'_c^T V_c, z_c = K'_c^T 1: K'_c feeds both (a fork).
-    dkeys += chunked_values @ np.swapaxes(dstates, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., n_chunks, C, F)
-    dkeys += dkey_sums[..., None, :]
-    dvalues += chunked_keys @ dstates  # (..., C, F) @ (..., F, Dv) -> (..., n_chunks, C, Dv)
-
-    # 1. The frame: copy the rows of the real queries and keys back out.
-    dqueries = dqueries.reshape(batch_shape + (frame, num_features))
-    dquery_features = unframe(dqueries, n_queries, shift)  # (..., N, F)
-    dkey_features = dkeys.reshape(batch_shape + (frame, num_features))[..., :n_keys, :]  # (..., M, F)
-    dv = dvalues.reshape(batch_shape + (frame, value_width))[..., :n_keys, :]  # (..., M, Dv)
+    dquery_features = unframe_rows(dframe_queries, n_queries, shift)  # (..., N, F)
     return dquery_features, dkey_features, dv
 
 
-def unframe(frame_rows, n_queries, shift):
-    """Return the N query rows of frame rows (..., frame, X): query i is frame row i + shift."""
-    out = np.zeros(frame_rows.shape[:-2] + (n_queries, frame_rows.shape[-1]), dtype=frame_rows.dtype)
-    first = max(0, -shift)
-    out[..., first:, :] = frame_rows[..., first + shift:n_queries + shift, :]
-    return out
+def frame_rows(query_rows, n_keys, shift):
+    """Place query rows (..., N, X) at their key positions i + shift in a frame (..., M, X).
 
-
-def frame_gradient(query_rows, frame, shift):
-    """Place per-query gradients (..., N, X) at their frame rows (..., frame, X); the adjoint of unframe."""
+    Frame rows without a query are zero, and queries before the first key
+    (i + shift < 0) are dropped, because they see no key. With N == M the
+    frame is the input itself.
+    """
+    if shift == 0:
+        return query_rows
     n_queries = query_rows.shape[-2]
-    out = np.zeros(query_rows.shape[:-2] + (frame, query_rows.shape[-1]), dtype=query_rows.dtype)
+    out = np.zeros(query_rows.shape[:-2] + (n_keys, query_rows.shape[-1]), dtype=query_rows.dtype)
     first = max(0, -shift)
     out[..., first + shift:n_queries + shift, :] = query_rows[..., first:, :]
     return out
 
 
-def exclusive_prefix_sum(x, axis):
-    """Return y with y[c] = sum of x[c'] for c' < c along axis (y[0] = 0)."""
-    total = np.cumsum(x, axis=axis)
-    out = np.zeros_like(x)
-    source = [slice(None)] * x.ndim
-    target = [slice(None)] * x.ndim
-    source[axis], target[axis] = slice(None, -1), slice(1, None)
-    out[tuple(target)] = total[tuple(source)]
+def unframe_rows(frame, n_queries, shift):
+    """Return the N query rows of a frame (..., M, X), zeros for queries outside it; frame_rows undone."""
+    if shift == 0:
+        return frame
+    out = np.zeros(frame.shape[:-2] + (n_queries, frame.shape[-1]), dtype=frame.dtype)
+    first = max(0, -shift)
+    out[..., first:, :] = frame[..., first + shift:n_queries + shift, :]
     return out
-
-
-def exclusive_suffix_sum(x, axis):
-    """Return y with y[c] = sum of x[c'] for c' > c along axis (y[-1] = 0)."""
-    return np.flip(exclusive_prefix_sum(np.flip(x, axis=axis), axis), axis=axis)
 
 
 # --- FAVOR+ attention -------------------------------------------------------------
