@@ -92,7 +92,9 @@ slope = np.polyfit(np.log(sizes), np.log(means[False]), 1)[0]
 print(f"        fitted log-log slope (i.i.d.) = {slope:.2f}, expected about -0.5")
 
 # %% Step 6: the hand-written backward against finite differences (features fixed).
-qb, kb, vb = (x[None, None, :6] for x in (q, k, v))  # (1, 1, 6, D)
+# Unit-scale inputs: with the small q and k above, attention is nearly uniform,
+# the gradients of q are tiny, and finite-difference round-off dominates them.
+qb, kb, vb = (rng.standard_normal((1, 1, 6, D)) for _ in range(3))  # (1, 1, 6, D)
 result = gradcheck(
     lambda q, k, v: favor_attention_forward(q, k, v, W, causal=True, eps=0.0),
     favor_attention_backward, [qb, kb, vb], names=["q", "k", "v"], rng=rng,
