@@ -175,8 +175,10 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
     # every feature of a row to zero.
     stabiliser = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1)
 
-    # 4. phi = F^-1/2 (exp(u - c) + eps), zero on padded rows.
-    phi = np.exp(exponents - stabiliser)  # (..., L, F)
+    # 4. phi = F^-1/2 (exp(u - c) + eps), zero on padded rows, computed in the
+    # buffer of u, which the backward does not need.
+    exponents -= stabiliser
+    phi = np.exp(exponents, out=exponents)  # (..., L, F)
     phi += x.dtype.type(eps)
     phi *= x.dtype.type(norm)
     if valid is not None:
