@@ -62,7 +62,7 @@ backward: PerformerAttention draws them once (at construction, or at the
 first forward when the head width is not known before) from its Generator
 and redraws only when redraw_features() is called. The cache keeps the
 features used, so a backward always matches its forward and a gradient check
-sees one fixed function.
+differentiates one fixed function.
 
 Complexity per head: O((N + M) F D + (N + M) F Dv) time and O((N + M) F + F Dv)
 memory bidirectional. Causal adds O(M C F) time for the chunk blocks and
@@ -196,10 +196,10 @@ def compute_stabiliser(exponents, mode, valid):
     if isinstance(mode, str):
         check_choice("stabiliser", mode, STABILISER_MODES)
     else:
-        given = np.asarray(mode, dtype=exponents.dtype)
-        if not np.all(np.isfinite(given)):
+        fixed = np.asarray(mode, dtype=exponents.dtype)
+        if not np.all(np.isfinite(fixed)):
             raise ValueError("stabiliser contains non-finite values; expected finite constants")
-        return given
+        return fixed
     if mode == "row":
         return np.max(exponents, axis=-1, keepdims=True)  # (..., L, 1)
     if valid is None:
@@ -549,7 +549,7 @@ def favor_attention_forward(
       instead of computing them, e.g. cache["stabilisers"] of an earlier call
     - chunk_size: C, positions per chunk of the causal scan
 
-    Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] holds the
+    Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the
     stabilisers used ((None, None) for the relu kernel).
     """
     check_attention_inputs(q, k, v)
