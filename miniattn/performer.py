@@ -323,7 +323,7 @@ def linear_attention_forward(query_features, key_features, v, *, causal=False, c
         denominator = query_features @ key_sum[..., None]  # (..., N, F) @ (..., F, 1) -> (..., N, 1)
         sums_cache = (query_features, key_features, v, kv, key_sum)
 
-    # 3. Row normalisation; an empty row (denominator 0) stays zero.
+    # 3. Row normalisation. An empty row (denominator 0) stays zero.
     inverse = np.zeros_like(denominator)  # (..., N, 1)
     np.divide(1.0, denominator, out=inverse, where=denominator > 0)
     out = numerator * inverse  # (..., N, Dv)
@@ -335,8 +335,9 @@ def linear_attention_forward(query_features, key_features, v, *, causal=False, c
 def linear_attention_backward(dout, cache):
     """Backward of linear_attention_forward; returns (dquery_features, dkey_features, dv).
 
-    The cache contains 1 / denominator, out and the inputs and sums of the
-    forward (the causal path also keeps its chunked prefix sums).
+    The cache contains 1 / denominator, out, and the inputs and key sums of
+    the forward. The causal path keeps only its inputs and recomputes the
+    prefix sums in its backward scans.
     """
     inverse, out = cache["inverse"], cache["out"]
 
