@@ -497,3 +497,20 @@ def test_bad_options_rejected(rng):
         softmax_kernel_features_forward(q, features, stabiliser="column")
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
         draw_features(4, 4, 7)
+
+
+def test_method_uses_given_features(rng):
+    features = draw_features(6, 4, rng)
+    method = PerformerAttention(features=features)
+    q, k, v = attention_inputs(rng, 5, 7)
+    out, _ = method.forward(q, k, v, causal=True)
+    expected, _ = favor_attention_forward(q, k, v, features, causal=True)
+    np.testing.assert_array_equal(out, expected)
+    assert method.num_features == 6
+
+
+def test_method_redraw_needs_width_before_first_forward():
+    method = PerformerAttention(num_features=6)
+    with pytest.raises(ValueError, match="needs width=D"):
+        method.redraw_features()
+    assert method.redraw_features(width=4).shape == (6, 4)
