@@ -18,3 +18,5 @@ from cython cimport floating
 cnp.import_array()
 
 include "rows.pxi"
+include "sparse_attention.pxi"
+include "hashing.pxi"

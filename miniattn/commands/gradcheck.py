@@ -6,6 +6,10 @@ attention, do), and otherwise from the generic case below: the method object
 on small float64 q (1, 2, 5, 4), k and v (1, 2, 7, 4), bidirectional and
 causal. A case the method rejects as unsupported (ValueError) is reported as
 skipped, not hidden.
+
+The name ``layers`` checks the layer classes and both models of
+``miniattn.nn`` (inputs and every parameter); it runs by default after the
+methods.
 """
 
 import argparse
@@ -64,15 +68,32 @@ def worst_error(outcomes):
     return max(errors, default=0.0)
 
 
+LAYERS = "layers"
+
+
+def print_result(label, result, tol):
+    """Print one case's verdict and its per-input table; return True when it passed."""
+    passed = result.passed(tol)
+    status = "ok" if passed else "FAILED"
+    print(f"{label}: max rel error {result.max_rel_error:.1e} ({status}, tolerance {tol:.0e})")
+    for line in str(result).splitlines()[1:]:
+        print(f"    {line}")
+    return passed
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m miniattn gradcheck", description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="*", help="method names (default: every implemented method)")
+    parser.add_argument(
+        "methods", nargs="*", help="method names, or 'layers' for miniattn.nn (default: every implemented method, then layers)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and upstream gradients")
     parser.add_argument("--tol", type=float, default=TOLERANCE, help="maximum relative error that passes (default 1e-6)")
     args = parser.parse_args(argv)
 
-    names = args.methods or [method.name for method in METHODS if is_implemented(method.name)]
+    names = args.methods or [method.name for method in METHODS if is_implemented(method.name)] + [LAYERS]
     for name in names:
+        if name == LAYERS:
+            continue
         info(name)  # unknown names raise with the list of known ones
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
@@ -80,15 +101,17 @@ def main(argv):
     failures = 0
     for name in names:
         rng = np.random.default_rng(args.seed)
-        for label, result in run_method(name, rng):
+        if name == LAYERS:
+            from ..nn.checks import check_all_layers
+
+            outcomes = check_all_layers(rng)
+        else:
+            outcomes = run_method(name, rng)
+        for label, result in outcomes:
             if isinstance(result, str):
                 print(f"{name}: {label}: {result}")
                 continue
-            status = "ok" if result.passed(args.tol) else "FAILED"
-            failures += status != "ok"
-            print(f"{name}: {label}: max rel error {result.max_rel_error:.1e} ({status}, tolerance {args.tol:.0e})")
-            for check in result.inputs:
-                print(f"    {check.name:<10} {str(check.shape):<18} {check.mode:<18} {check.max_rel_error:.2e}")
+            failures += not print_result(f"{name}: {label}", result, args.tol)
     if failures:
         print(f"{failures} gradient check(s) failed", file=sys.stderr)
         return 1

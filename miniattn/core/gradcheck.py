@@ -72,10 +72,11 @@ class GradcheckResult:
             raise AssertionError(f"gradient check failed (tolerance {tol:.1e}):\n{self}")
 
     def __str__(self):
-        lines = [f"{'input':<12} {'shape':<20} {'mode':<18} max rel error"]
+        name_width = max([12] + [len(check.name) + 1 for check in self.inputs])
+        lines = [f"{'input':<{name_width}} {'shape':<20} {'mode':<18} max rel error"]
         for check in self.inputs:
             lines.append(
-                f"{check.name:<12} {str(check.shape):<20} {check.mode:<18} {check.max_rel_error:.2e}"
+                f"{check.name:<{name_width}} {str(check.shape):<20} {check.mode:<18} {check.max_rel_error:.2e}"
             )
         return "\n".join(lines)
 

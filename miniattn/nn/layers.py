@@ -246,8 +246,8 @@ class MultiHeadAttention(Module):
     """Multi-head attention of x_q (B, N, C) over x_kv (B, M, C_kv) with any attention method.
 
     ``attention`` is None (dense scaled dot-product attention), a method name
-    from ``miniattn.method_names()`` or an attention method object; the heads
-    (B, H, N, D) are handed to its forward and backward. The parameters are
+    from ``miniattn.method_names()`` or an attention method object. The layer
+    hands the heads (B, H, N, D) to its forward and backward. The parameters are
     W_q (C, C), W_k and W_v (C_kv, C), W_o (C, C) and their biases.
     """
 

@@ -13,7 +13,7 @@ target ids (B, N):
     logits = y W_out + b_out                         (B, N, V)
 
 PE is the fixed sinusoidal encoding. The source padding mask hides padded
-source keys from encoder self-attention and from every cross-attention; the
+source keys from encoder self-attention and from every cross-attention. The
 target padding mask and the causal mask apply to decoder self-attention.
 Every decoder layer reads the memory, so the memory gradient is the sum of
 the cross-attention key/value gradients over the decoder layers. Pre-LN
@@ -61,9 +61,11 @@ def check_ids_and_lengths(name, ids, vocab_size, lengths):
     return ids, padding_mask(lengths, ids.shape[1])  # (B, 1, 1, L)
 
 
-def layer_attention(attention, rng, options):
-    """Return the attention for one layer: a fresh method object when attention is a name."""
-    return resolve_attention(attention, rng, options) if isinstance(attention, str) else attention
+def attention_name(attention):
+    """Return the method name of an attention argument (None, a name or an object) for a config."""
+    if attention is None or isinstance(attention, str):
+        return attention
+    return getattr(attention, "name", type(attention).__name__)
 
 
 class Transformer(Module):
@@ -71,7 +73,10 @@ class Transformer(Module):
 
     Children: src_embedding, tgt_embedding, encoder.0 .. encoder.{L-1},
     decoder.0 .. decoder.{L-1}, encoder_norm and decoder_norm (pre-LN only),
-    output, dropout (applied to the embeddings).
+    output, dropout (applied to the embeddings). ``attention`` chooses the
+    self-attention method of every encoder and decoder layer: None (dense), a
+    method name (one object per layer, built with attention_options and rng)
+    or one method object shared by all layers. Cross-attention is always dense.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Transformer(Module):
             src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, width=width, n_heads=n_heads,
             ff_width=ff_width, n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
             activation=activation, pre_ln=pre_ln, dropout=dropout,
+            attention=attention_name(attention), attention_options=dict(attention_options or {}),
         )
         layer_options = dict(activation=activation, pre_ln=pre_ln, dropout=dropout, rng=rng, dtype=dtype)
 
@@ -114,7 +120,7 @@ class Transformer(Module):
         self.encoder = [
             self.add_module(
                 f"encoder.{index}",
-                EncoderLayer(width, n_heads, ff_width, attention=layer_attention(attention, rng, attention_options),
+                EncoderLayer(width, n_heads, ff_width, attention=resolve_attention(attention, rng, attention_options),
                              **layer_options),
             )
             for index in range(n_encoder_layers)
@@ -122,7 +128,7 @@ class Transformer(Module):
         self.decoder = [
             self.add_module(
                 f"decoder.{index}",
-                DecoderLayer(width, n_heads, ff_width, attention=layer_attention(attention, rng, attention_options),
+                DecoderLayer(width, n_heads, ff_width, attention=resolve_attention(attention, rng, attention_options),
                              **layer_options),
             )
             for index in range(n_decoder_layers)
@@ -295,7 +301,7 @@ class DecoderLM(Module):
         self.config = dict(
             vocab_size=vocab_size, max_length=max_length, width=width, n_heads=n_heads, n_layers=n_layers,
             ff_width=ff_width, activation=activation, pre_ln=pre_ln, dropout=dropout,
-            attention=attention if isinstance(attention, str) or attention is None else getattr(attention, "name", None),
+            attention=attention_name(attention), attention_options=dict(attention_options or {}),
         )
 
         self.token_embedding = self.add_module("token_embedding", Embedding(vocab_size, width, rng=rng, dtype=dtype))
@@ -307,7 +313,7 @@ class DecoderLM(Module):
                 f"blocks.{index}",
                 DecoderLayer(
                     width, n_heads, ff_width, cross_attention=False, activation=activation, pre_ln=pre_ln,
-                    dropout=dropout, attention=layer_attention(attention, rng, attention_options), rng=rng,
+                    dropout=dropout, attention=resolve_attention(attention, rng, attention_options), rng=rng,
                     dtype=dtype,
                 ),
             )

@@ -162,7 +162,7 @@ class Module:
             value[...] = state[name]
 
     def save(self, path):
-        """Write the state dict to an .npz file."""
+        """Write the state dict to an .npz file (np.savez adds .npz to a name without it)."""
         np.savez(path, **self.state_dict())
 
     def load(self, path):

@@ -56,7 +56,8 @@ class Optimizer:
             buffers[name] = np.zeros_like(like)
         elif buffers[name].shape != like.shape:
             raise ValueError(
-                f"parameter {name!r} has shape {like.shape} but the optimizer state holds {buffers[name].shape}"
+                f"parameter {name!r} has shape {like.shape} but its optimizer state has shape {buffers[name].shape}; "
+                f"use a new optimizer for a model of another shape"
             )
         return buffers[name]
 

@@ -1,0 +1,777 @@
+"""Performer: FAVOR+ attention with positive orthogonal random features (Choromanski et al., 2021).
+
+Letters: B batch, H heads, N queries, M keys, D head width of queries and
+keys, Dv value width, F random features (the paper's m), C chunk length of
+the causal scan.
+
+Idea. Softmax attention weights are exp(q.k / sqrt(D)), a kernel of q and k.
+A random feature map phi with E[phi(q).phi(k)] = exp(q.k / sqrt(D)) turns the
+N x M matrix of weights into a product of an N x F and an F x M matrix, and
+multiplying in the right order never forms the N x M matrix:
+
+    out = D^-1 (phi(Q) (phi(K)^T V)),    D = diag(phi(Q) (phi(K)^T 1))
+
+(here D^-1 is the row normalisation, not the head width).
+
+Positive random features (the softmax kernel, "SM+"). With x~ = x D^-1/4
+(so that q~.k~ = q.k / sqrt(D)) and rows w_1..w_F of the feature matrix W:
+
+    u_j(x)   = w_j . x~ - |x~|^2 / 2
+    phi(x)_j = F^-1/2 (exp(u_j(x) - c) + eps)
+
+For w ~ N(0, I_D), c = 0 and eps = 0, E[exp(u(q) + u(k))] = exp(q~.k~), so
+phi(q).phi(k) is an unbiased estimate of the softmax kernel, and every
+feature is positive, so the row normaliser never comes near zero the way
+sin/cos features can. The stabiliser c keeps exp from overflowing: one
+constant per query row (it cancels in that row's normalisation) and ONE
+constant shared by every key of a (batch, head) slice (it cancels in every
+row). A separate constant per key would change the attention weights. With
+eps > 0 the cancellation is no longer exact, by a relative amount of about
+eps. The backward treats c as a constant, and gradient checks with eps > 0
+pass the stabilisers of the unperturbed input explicitly.
+
+Orthogonal random features (ORF). W is a stack of ceil(F / D) blocks of D
+mutually orthogonal rows, each block the Q factor of the QR decomposition of
+a D x D Gaussian matrix. Each row is then rescaled to the norm of an
+independent Gaussian D-vector (a chi_D draw). Every row is therefore still
+marginally N(0, I_D), so the estimate stays unbiased, with lower variance
+than i.i.d. rows. The
+i.i.d. Gaussian option is kept for comparison. The generalized ReLU kernel
+phi(x) = F^-1/2 (ReLU(W x~) + eps) is an alternative kernel, not an
+approximation of softmax.
+
+Causal attention. Query i may attend key j when j <= i + (M - N) (queries are
+the last N key positions). With k'_s = phi(k_s):
+
+    S_t = sum_{s <= t} k'_s v_s^T  (F, Dv),   z_t = sum_{s <= t} k'_s  (F,)
+    out_t = (q'_t^T S_t) / (q'_t . z_t)
+
+computed by a scan over chunks of C positions. The running sums S and z carry
+every key before a chunk, and a C x C lower-triangular product covers the
+keys inside it. C = 1 is the plain per-token prefix sum. The backward of a
+prefix sum is a suffix sum, G_t = sum_{s >= t} q'_s dnum_s^T, carried by a
+reverse scan.
+
+Padding. A key-padding mask zeroes the rows of phi(K), which removes those
+keys from numerator and denominator. Zeroing the raw key would not: phi(0)
+is not 0. The shared key stabiliser is taken over valid keys only, so a
+padded sequence gives the same output as the unpadded one.
+
+Redraw policy. Features are random but never redrawn inside forward or
+backward: PerformerAttention draws them once (at construction, or at the
+first forward when the head width is not known before) from its Generator
+and redraws only when redraw_features() is called. The cache keeps the
+features used, so a backward always matches its forward and a gradient check
+differentiates one fixed function.
+
+Complexity per head: O((N + M) F D + (N + M) F Dv) time and O((N + M) F + F Dv)
+memory bidirectional. Causal adds O(M C F) time for the chunk blocks and
+holds only O(C^2 + F Dv) beyond the features. Exact attention costs
+O(N M D) time and O(N M) memory.
+"""
+
+import numpy as np
+
+from .core.validate import (
+    check_attention_inputs,
+    check_choice,
+    check_float_array,
+    check_generator,
+    check_int,
+    check_mask,
+    check_real,
+)
+
+KERNELS = ("softmax", "relu")
+DEFAULT_EPS = {"softmax": 1e-6, "relu": 1e-3}
+STABILISER_MODES = ("row", "shared")
+
+
+# --- random features ----------------------------------------------------------
+
+
+def draw_features(num_features, width, rng, *, orthogonal=True, dtype=np.float64):
+    """Draw a random feature matrix W (F, D) whose rows are marginally N(0, I_D).
+
+    Inputs:
+    - num_features: F >= 1
+    - width: D >= 1, the head width of queries and keys
+    - rng: numpy.random.Generator, the only source of randomness
+    - orthogonal: True for orthogonal random features (blocks of D orthogonal
+      rows with chi_D row norms), False for i.i.d. Gaussian rows
+    - dtype: float64 or float32
+
+    Returns W (F, D).
+    """
+    check_int("num_features", num_features, minimum=1)
+    check_int("width", width, minimum=1)
+    check_generator("rng", rng)
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype={np.dtype(dtype)} is invalid; expected float32 or float64")
+    if not orthogonal:
+        return rng.standard_normal((num_features, width)).astype(dtype)  # (F, D)
+
+    # 1. Directions: blocks of D orthonormal rows, from the QR of Gaussian matrices.
+    blocks = []
+    for _ in range(-(-num_features // width)):
+        gaussian = rng.standard_normal((width, width))  # (D, D)
+        q_factor, r_factor = np.linalg.qr(gaussian)
+        # The signs QR leaves on R's diagonal bias Q. Flipping the columns of Q
+        # by those signs makes it uniformly (Haar) distributed.
+        q_factor = q_factor * np.sign(np.diag(r_factor))
+        blocks.append(q_factor.T)  # rows orthonormal, each uniform on the sphere
+    directions = np.concatenate(blocks, axis=0)[:num_features]  # (F, D)
+
+    # 2. Norms: a chi_D draw per row, so each row has the law of a N(0, I_D) vector.
+    norms = np.linalg.norm(rng.standard_normal((num_features, width)), axis=1)  # (F,)
+    return (directions * norms[:, None]).astype(dtype)  # (F, D)
+
+
+def check_features(features, width, dtype):
+    """Check that features is a finite (F, D) float matrix for head width D; return it as dtype."""
+    check_float_array("features", features, min_ndim=2)
+    if features.ndim != 2 or features.shape[1] != width or features.shape[0] < 1:
+        raise ValueError(
+            f"features has shape {features.shape}; expected (F, {width}) with F >= 1 "
+            f"random feature rows matching the head width D={width}"
+        )
+    return features.astype(dtype, copy=False)
+
+
+# --- feature maps ---------------------------------------------------------------
+
+
+def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", valid=None):
+    """Positive random features phi(x) = F^-1/2 (exp(W x~ - |x~|^2 / 2 - c) + eps).
+
+    Inputs:
+    - x: queries or keys (..., L, D)
+    - features: W (F, D)
+    - eps: eps >= 0 added to every feature
+    - stabiliser: "row" (one c per row: queries), "shared" (one c per slice
+      over all valid rows and features: keys), or an array broadcastable to
+      (..., L, 1) to use as c as given (a frozen stabiliser)
+    - valid: optional bool (..., L), False on padded rows; their features are 0
+
+    Returns (phi, cache) with phi (..., L, F). cache["stabiliser"] is the c used.
+    """
+    width = x.shape[-1]
+    num_features = features.shape[0]
+    scale = width**-0.25
+    norm = num_features**-0.5
+
+    # 1. x~ = x D^-1/4, so that q~.k~ = q.k / sqrt(D).
+    x_scaled = x * x.dtype.type(scale)  # (..., L, D)
+
+    # 2. Exponents u = W x~ - |x~|^2 / 2.
+    exponents = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
+    exponents -= 0.5 * np.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
+
+    # 3. Stabiliser c: the maximum exponent of each row, or of all valid rows.
+    # NOTE: c is the max of the whole exponent u. Google's JAX FAVOR+
+    # (google-research performer/fast_attention/jax/fast_attention.py) takes the
+    # max of W x~ alone. Both are constants that cancel. This one also keeps the
+    # largest feature at exactly F^-1/2 (1 + eps), so large norms cannot underflow
+    # every feature of a row to zero.
+    stabiliser = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1)
+
+    # 4. phi = F^-1/2 (exp(u - c) + eps), zero on padded rows, computed in the
+    # buffer of u, which the backward does not need.
+    exponents -= stabiliser
+    phi = np.exp(exponents, out=exponents)  # (..., L, F)
+    phi += x.dtype.type(eps)
+    phi *= x.dtype.type(norm)
+    if valid is not None:
+        phi *= valid[..., None]
+
+    cache = {
+        "x_scaled": x_scaled, "features": features, "phi": phi, "eps": eps,
+        "valid": valid, "stabiliser": stabiliser, "scale": scale, "norm": norm,
+    }
+    return phi, cache
+
+
+def compute_stabiliser(exponents, mode, valid):
+    """Return the stabiliser c for exponents (..., L, F): per row, shared, or given."""
+    if isinstance(mode, str):
+        check_choice("stabiliser", mode, STABILISER_MODES)
+    else:
+        fixed = np.asarray(mode, dtype=exponents.dtype)
+        if not np.all(np.isfinite(fixed)):
+            raise ValueError("stabiliser contains non-finite values; expected finite constants")
+        return fixed
+    if mode == "row":
+        return np.max(exponents, axis=-1, keepdims=True)  # (..., L, 1)
+    if valid is None:
+        return np.max(exponents, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
+    masked = np.where(valid[..., None], exponents, -np.inf)  # (..., L, F)
+    shared = np.max(masked, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
+    # A slice without valid keys has all features zeroed; any finite c will do.
+    return np.where(np.isfinite(shared), shared, 0.0).astype(exponents.dtype)
+
+
+def softmax_kernel_features_backward(dphi, cache):
+    """Backward of softmax_kernel_features_forward with the stabiliser held constant.
+
+    The cache contains x~, W, phi, eps, the valid rows and the constants. With
+    phi^ = phi - F^-1/2 eps = F^-1/2 exp(u - c) on valid rows:
+        du = dphi * phi^,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
+    Returns dx (..., L, D).
+    """
+    x_scaled, features, phi = cache["x_scaled"], cache["features"], cache["phi"]
+    dtype = phi.dtype.type
+
+    # 4. phi = F^-1/2 (exp(u - c) + eps) on valid rows, 0 on padded rows.
+    exp_part = phi - dtype(cache["eps"] * cache["norm"])  # (..., L, F)
+    if cache["valid"] is not None:
+        exp_part *= cache["valid"][..., None]
+    dexponents = dphi * exp_part  # (..., L, F)
+
+    # 3. c is a constant: no gradient flows through the stabiliser.
+
+    # 2. u = W x~ - |x~|^2 / 2: x~ feeds both terms (a fork, the gradients add).
+    dx_scaled = dexponents @ features  # (..., L, F) @ (F, D) -> (..., L, D)
+    dx_scaled -= x_scaled * np.sum(dexponents, axis=-1, keepdims=True)
+
+    # 1. x~ = x D^-1/4
+    return dx_scaled * dtype(cache["scale"])
+
+
+def relu_kernel_features_forward(x, features, *, eps=1e-3, valid=None):
+    """Generalized ReLU kernel features phi(x) = F^-1/2 (ReLU(W x~) + eps).
+
+    Inputs as for softmax_kernel_features_forward (no stabiliser: ReLU cannot
+    overflow). Returns (phi, cache) with phi (..., L, F).
+    """
+    width = x.shape[-1]
+    scale = width**-0.25
+    norm = features.shape[0] ** -0.5
+
+    # 1. x~ = x D^-1/4
+    x_scaled = x * x.dtype.type(scale)  # (..., L, D)
+
+    # 2. Projections a = W x~.
+    projections = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
+
+    # 3. phi = F^-1/2 (ReLU(a) + eps), zero on padded rows.
+    phi = np.maximum(projections, 0.0)  # (..., L, F)
+    phi += x.dtype.type(eps)
+    phi *= x.dtype.type(norm)
+    if valid is not None:
+        phi *= valid[..., None]
+
+    cache = {
+        "projections": projections, "features": features, "valid": valid,
+        "scale": scale, "norm": norm, "phi": phi, "stabiliser": None,
+    }
+    return phi, cache
+
+
+def relu_kernel_features_backward(dphi, cache):
+    """Backward of relu_kernel_features_forward; returns dx (..., L, D).
+
+    The cache contains the projections a = W x~, W, the valid rows and the
+    constants. ReLU's derivative is taken as 0 at a = 0.
+    """
+    dtype = dphi.dtype.type
+
+    # 3. phi = F^-1/2 (ReLU(a) + eps), zero on padded rows.
+    dprojections = dphi * (cache["projections"] > 0) * dtype(cache["norm"])  # (..., L, F)
+    if cache["valid"] is not None:
+        dprojections *= cache["valid"][..., None]
+
+    # 2. a = W x~
+    dx_scaled = dprojections @ cache["features"]  # (..., L, F) @ (F, D) -> (..., L, D)
+
+    # 1. x~ = x D^-1/4
+    return dx_scaled * dtype(cache["scale"])
+
+
+FEATURE_MAPS = {
+    "softmax": (softmax_kernel_features_forward, softmax_kernel_features_backward),
+    "relu": (relu_kernel_features_forward, relu_kernel_features_backward),
+}
+
+
+# --- linear attention on features -------------------------------------------------
+
+
+def linear_attention_forward(query_features, key_features, v, *, causal=False, chunk_size=64):
+    """Normalised linear attention out = D^-1 (Q' (K'^T V)) on given features.
+
+    Inputs:
+    - query_features: Q' = phi(Q) (..., N, F), non-negative
+    - key_features: K' = phi(K) (..., M, F), zero rows for padded keys
+    - v: values (..., M, Dv)
+    - causal: query i attends key j only when j <= i + (M - N), through prefix sums
+    - chunk_size: C, positions per chunk of the causal scan
+
+    A query whose normaliser is 0 (no visible key) gets a zero output row and
+    zero gradients. Returns (out, cache) with out (..., N, Dv).
+    """
+    if causal:
+        numerator, denominator, sums_cache = causal_sums_forward(
+            query_features, key_features, v, chunk_size
+        )
+    else:
+        # 1. Key summaries, linear in M: K'^T V and K'^T 1.
+        kv = np.swapaxes(key_features, -1, -2) @ v  # (..., F, M) @ (..., M, Dv) -> (..., F, Dv)
+        key_sum = np.sum(key_features, axis=-2)  # (..., F)
+
+        # 2. Numerator Q' (K'^T V) and denominator Q' (K'^T 1) of every query.
+        numerator = query_features @ kv  # (..., N, F) @ (..., F, Dv) -> (..., N, Dv)
+        denominator = query_features @ key_sum[..., None]  # (..., N, F) @ (..., F, 1) -> (..., N, 1)
+        sums_cache = (query_features, key_features, v, kv, key_sum)
+
+    # 3. Row normalisation. An empty row (denominator 0) stays zero.
+    inverse = np.zeros_like(denominator)  # (..., N, 1)
+    np.divide(1.0, denominator, out=inverse, where=denominator > 0)
+    out = numerator * inverse  # (..., N, Dv)
+
+    cache = {"causal": causal, "sums": sums_cache, "inverse": inverse, "out": out}
+    return out, cache
+
+
+def linear_attention_backward(dout, cache):
+    """Backward of linear_attention_forward; returns (dquery_features, dkey_features, dv).
+
+    The cache contains 1 / denominator, out, and the inputs and key sums of
+    the forward. The causal path keeps only its inputs and recomputes the
+    prefix sums in its backward scans.
+    """
+    inverse, out = cache["inverse"], cache["out"]
+
+    # 3. out = numerator / denominator
+    dnumerator = dout * inverse  # (..., N, Dv)
+    ddenominator = -np.sum(dout * out, axis=-1, keepdims=True) * inverse  # (..., N, 1)
+
+    if cache["causal"]:
+        return causal_sums_backward(dnumerator, ddenominator, cache["sums"])
+
+    query_features, key_features, v, kv, key_sum = cache["sums"]
+
+    # 2. numerator = Q' kv, denominator = Q' key_sum: Q' feeds both (a fork).
+    dquery_features = dnumerator @ np.swapaxes(kv, -1, -2)  # (..., N, Dv) @ (..., Dv, F) -> (..., N, F)
+    dquery_features += ddenominator * key_sum[..., None, :]
+    dkv = np.swapaxes(query_features, -1, -2) @ dnumerator  # (..., F, N) @ (..., N, Dv) -> (..., F, Dv)
+    dkey_sum = np.swapaxes(query_features, -1, -2) @ ddenominator  # (..., F, N) @ (..., N, 1) -> (..., F, 1)
+
+    # 1. kv = K'^T V, key_sum = K'^T 1: K' feeds both (a fork).
+    dkey_features = v @ np.swapaxes(dkv, -1, -2)  # (..., M, Dv) @ (..., Dv, F) -> (..., M, F)
+    dkey_features += np.swapaxes(dkey_sum, -1, -2)
+    dv = key_features @ dkv  # (..., M, F) @ (..., F, Dv) -> (..., M, Dv)
+    return dquery_features, dkey_features, dv
+
+
+def causal_sums_forward(query_features, key_features, v, chunk_size):
+    """Causal numerator and denominator by a scan over chunks of C key positions.
+
+    Each query i sits at key position i + (M - N). The scan keeps the running
+    prefix sums of the keys before the current chunk,
+
+        S = sum_s K'_s^T V_s  (F, Dv),   z = sum_s K'_s  (F,),
+
+    and for the chunk's rows t (queries) and s (keys), with A_c = tril(Q'_c K'_c^T):
+
+        numerator_c = A_c V_c + Q'_c S,   denominator_c = A_c 1 + Q'_c z
+        S += K'_c^T V_c,                  z += K'_c^T 1
+
+    C = 1 is the per-token prefix sum. Only S, z and one C x C block are held
+    at a time. Returns (numerator (..., N, Dv), denominator (..., N, 1), cache).
+    """
+    n_queries, n_keys = query_features.shape[-2], key_features.shape[-2]
+    batch_shape = query_features.shape[:-2]
+    num_features, value_width = key_features.shape[-1], v.shape[-1]
+    shift = n_keys - n_queries
+    frame_queries = frame_rows(query_features, n_keys, shift)  # (..., M, F)
+    tril = np.tril(np.ones((chunk_size, chunk_size), dtype=bool))  # (C, C)
+
+    numerator = np.empty(batch_shape + (n_keys, value_width), dtype=v.dtype)  # (..., M, Dv)
+    denominator = np.empty(batch_shape + (n_keys, 1), dtype=v.dtype)  # (..., M, 1)
+    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
+    key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
+    for start in range(0, n_keys, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_keys))
+        size = rows.stop - rows.start
+        chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
+        chunk_keys_t = np.swapaxes(key_features[..., rows, :], -1, -2)  # (..., F, C)
+        chunk_values = v[..., rows, :]  # (..., C, Dv)
+
+        # 1. Inside the chunk: A_c = tril(Q'_c K'_c^T), key s <= query position t.
+        local = chunk_queries @ chunk_keys_t  # (..., C, F) @ (..., F, C) -> (..., C, C)
+        local *= tril[:size, :size]
+
+        # 2. numerator = A_c V_c + Q'_c S, denominator = A_c 1 + Q'_c z.
+        numerator[..., rows, :] = local @ chunk_values + chunk_queries @ state  # (..., C, Dv)
+        denominator[..., rows, :] = np.sum(local, axis=-1, keepdims=True) + chunk_queries @ key_sum  # (..., C, 1)
+
+        # 3. Add the chunk's keys to the prefix sums.
+        state += chunk_keys_t @ chunk_values  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
+        key_sum += np.sum(chunk_keys_t, axis=-1, keepdims=True)
+
+    numerator = unframe_rows(numerator, n_queries, shift)  # (..., N, Dv)
+    denominator = unframe_rows(denominator, n_queries, shift)  # (..., N, 1)
+    cache = (frame_queries, key_features, v, tril, chunk_size, shift)
+    return numerator, denominator, cache
+
+
+def causal_sums_backward(dnumerator, ddenominator, cache):
+    """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
+
+    Two scans with the chunk block recomputed. A forward scan rebuilds the
+    prefix sums S, z that the queries read:
+
+        dQ'_c = dA_c K'_c + dnumerator_c S^T + ddenominator_c z^T,
+        dA_c  = tril(dnumerator_c V_c^T + ddenominator_c 1^T)
+
+    A reverse scan carries the suffix sums of what later queries sent back,
+    G = sum_{later} Q'^T dnumerator (F, Dv) and g = sum_{later} Q'^T ddenominator (F, 1):
+
+        dK'_c = dA_c^T Q'_c + V_c G^T + g^T,   dV_c = A_c^T dnumerator_c + K'_c G
+    """
+    frame_queries, key_features, v, tril, chunk_size, shift = cache
+    n_keys = key_features.shape[-2]
+    n_queries = dnumerator.shape[-2]
+    batch_shape = key_features.shape[:-2]
+    num_features, value_width = key_features.shape[-1], v.shape[-1]
+    dnumerator = frame_rows(dnumerator, n_keys, shift)  # (..., M, Dv)
+    ddenominator = frame_rows(ddenominator, n_keys, shift)  # (..., M, 1)
+    dframe_queries = np.empty_like(frame_queries)  # (..., M, F)
+    dkey_features = np.empty_like(key_features)  # (..., M, F)
+    dv = np.empty_like(v)  # (..., M, Dv)
+    starts = range(0, n_keys, chunk_size)
+
+    def chunk(start):
+        rows = slice(start, min(start + chunk_size, n_keys))
+        size = rows.stop - rows.start
+        chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
+        chunk_keys = key_features[..., rows, :]  # (..., C, F)
+        chunk_values = v[..., rows, :]  # (..., C, Dv)
+        dchunk_numerator = dnumerator[..., rows, :]  # (..., C, Dv)
+        dchunk_denominator = ddenominator[..., rows, :]  # (..., C, 1)
+        # 2. numerator = A_c V_c + ..., denominator = A_c 1 + ...: A_c feeds both (a fork).
+        dlocal = dchunk_numerator @ np.swapaxes(chunk_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., C, C)
+        dlocal += dchunk_denominator  # (..., C, 1) broadcast over the keys of the chunk
+        # 1. A_c = tril(Q'_c K'_c^T)
+        dlocal *= tril[:size, :size]
+        return rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal
+
+    # Forward scan: the queries' gradients read the prefix sums S and z.
+    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
+    key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
+    for start in starts:
+        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+        # 2. numerator = ... + Q'_c S, denominator = ... + Q'_c z
+        dchunk_queries = dchunk_numerator @ np.swapaxes(state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dchunk_queries += dchunk_denominator @ np.swapaxes(key_sum, -1, -2)  # (..., C, 1) @ (..., 1, F)
+        # 1. A_c = tril(Q'_c K'_c^T)
+        dchunk_queries += dlocal @ chunk_keys  # (..., C, C) @ (..., C, F) -> (..., C, F)
+        dframe_queries[..., rows, :] = dchunk_queries
+        # 3. S += K'_c^T V_c, z += K'_c^T 1 (rebuilt for the next chunk)
+        state += np.swapaxes(chunk_keys, -1, -2) @ chunk_values
+        key_sum += np.sum(chunk_keys, axis=-2)[..., None]
+
+    # Reverse scan: keys and values receive the suffix sums G and g of later queries.
+    suffix_state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # G: (..., F, Dv)
+    suffix_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # g: (..., F, 1)
+    for start in reversed(starts):
+        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+        # 3. S += K'_c^T V_c, z += K'_c^T 1: every later chunk read this chunk's keys.
+        dchunk_keys = chunk_values @ np.swapaxes(suffix_state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dchunk_keys += np.swapaxes(suffix_sum, -1, -2)
+        dchunk_values = chunk_keys @ suffix_state  # (..., C, F) @ (..., F, Dv) -> (..., C, Dv)
+        # 1. A_c = tril(Q'_c K'_c^T) and 2. numerator = A_c V_c + ...
+        local = chunk_queries @ np.swapaxes(chunk_keys, -1, -2)  # (..., C, F) @ (..., F, C) -> (..., C, C)
+        local *= tril[:local.shape[-2], :local.shape[-1]]
+        dchunk_keys += np.swapaxes(dlocal, -1, -2) @ chunk_queries  # (..., C, C) @ (..., C, F) -> (..., C, F)
+        dchunk_values += np.swapaxes(local, -1, -2) @ dchunk_numerator  # (..., C, C) @ (..., C, Dv)
+        dkey_features[..., rows, :] = dchunk_keys
+        dv[..., rows, :] = dchunk_values
+        # 2. The queries of this chunk read S and z, which held the keys of earlier chunks.
+        suffix_state += np.swapaxes(chunk_queries, -1, -2) @ dchunk_numerator  # (..., F, C) @ (..., C, Dv)
+        suffix_sum += np.swapaxes(chunk_queries, -1, -2) @ dchunk_denominator  # (..., F, C) @ (..., C, 1)
+
+    dquery_features = unframe_rows(dframe_queries, n_queries, shift)  # (..., N, F)
+    return dquery_features, dkey_features, dv
+
+
+def frame_rows(query_rows, n_keys, shift):
+    """Place query rows (..., N, X) at their key positions i + shift in a frame (..., M, X).
+
+    Frame rows without a query are zero, and queries before the first key
+    (i + shift < 0) are dropped, because they see no key. With N == M the
+    frame is the input itself.
+    """
+    if shift == 0:
+        return query_rows
+    n_queries = query_rows.shape[-2]
+    out = np.zeros(query_rows.shape[:-2] + (n_keys, query_rows.shape[-1]), dtype=query_rows.dtype)
+    first = max(0, -shift)
+    out[..., first + shift:n_queries + shift, :] = query_rows[..., first:, :]
+    return out
+
+
+def unframe_rows(frame, n_queries, shift):
+    """Return the N query rows of a frame (..., M, X), zeros for queries outside it; frame_rows undone."""
+    if shift == 0:
+        return frame
+    out = np.zeros(frame.shape[:-2] + (n_queries, frame.shape[-1]), dtype=frame.dtype)
+    first = max(0, -shift)
+    out[..., first:, :] = frame[..., first + shift:n_queries + shift, :]
+    return out
+
+
+# --- FAVOR+ attention -------------------------------------------------------------
+
+
+def favor_attention_forward(
+    q,
+    k,
+    v,
+    features,
+    *,
+    causal=False,
+    key_valid=None,
+    kernel="softmax",
+    eps=None,
+    stabilisers=None,
+    chunk_size=64,
+):
+    """FAVOR+ attention D^-1 (phi(Q) (phi(K)^T V)), bidirectional or causal.
+
+    Inputs:
+    - q: queries (..., N, D); k: keys (..., M, D); v: values (..., M, Dv)
+    - features: the random feature matrix W (F, D), e.g. from draw_features
+    - causal: query i attends key j only when j <= i + (M - N)
+    - key_valid: optional bool (..., M), False on padded keys
+    - kernel: "softmax" (positive random features) or "relu" (generalized kernel)
+    - eps: constant added to every feature; 1e-6 for softmax, 1e-3 for relu by default
+    - stabilisers: optional (query c (..., N, 1), key c (..., 1, 1)) to use
+      instead of computing them, e.g. cache["stabilisers"] of an earlier call
+    - chunk_size: C, positions per chunk of the causal scan
+
+    Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the
+    stabilisers used ((None, None) for the relu kernel).
+    """
+    check_attention_inputs(q, k, v)
+    features = check_features(features, q.shape[-1], q.dtype)
+    check_choice("kernel", kernel, KERNELS)
+    eps = DEFAULT_EPS[kernel] if eps is None else eps
+    check_real("eps", eps, minimum=0.0)
+    check_int("chunk_size", chunk_size, minimum=1)
+    if key_valid is not None:
+        key_valid = check_key_valid(key_valid, k.shape[:-1])
+    if kernel == "softmax":
+        query_stabiliser, key_stabiliser = ("row", "shared") if stabilisers is None else stabilisers
+    elif stabilisers is not None:
+        raise ValueError("stabilisers apply to the softmax kernel only; the relu kernel has none")
+    features_forward, _ = FEATURE_MAPS[kernel]
+
+    # 1. Query features phi(Q), stabilised per row.
+    options = {"stabiliser": query_stabiliser} if kernel == "softmax" else {}
+    query_features, query_cache = features_forward(q, features, eps=eps, **options)  # (..., N, F)
+
+    # 2. Key features phi(K), one stabiliser shared by all valid keys, padded rows zero.
+    options = {"stabiliser": key_stabiliser} if kernel == "softmax" else {}
+    key_features, key_cache = features_forward(k, features, eps=eps, valid=key_valid, **options)  # (..., M, F)
+
+    # 3. Linear attention on the features, never forming the N x M matrix.
+    out, attention_cache = linear_attention_forward(
+        query_features, key_features, v, causal=causal, chunk_size=chunk_size
+    )  # (..., N, Dv)
+
+    cache = {
+        "kernel": kernel,
+        "query": query_cache,
+        "key": key_cache,
+        "attention": attention_cache,
+        "features": features,
+        "stabilisers": (query_cache["stabiliser"], key_cache["stabiliser"]),
+    }
+    return out, cache
+
+
+def favor_attention_backward(dout, cache):
+    """Backward of favor_attention_forward with features and stabilisers held fixed.
+
+    The cache contains the sub-caches of the two feature maps and the linear
+    attention. Returns (dq, dk, dv).
+    """
+    _, features_backward = FEATURE_MAPS[cache["kernel"]]
+
+    # 3. out = linear attention on phi(Q), phi(K), V.
+    dquery_features, dkey_features, dv = linear_attention_backward(dout, cache["attention"])
+
+    # 2. phi(K)
+    dk = features_backward(dkey_features, cache["key"])
+
+    # 1. phi(Q)
+    dq = features_backward(dquery_features, cache["query"])
+    return dq, dk, dv
+
+
+def check_key_valid(key_valid, key_shape):
+    """Check a bool key_valid array broadcastable to key_shape (..., M); return it broadcast."""
+    if not isinstance(key_valid, np.ndarray) or key_valid.dtype != np.bool_:
+        raise TypeError(f"key_valid must be a bool numpy.ndarray (..., M), got {type(key_valid).__name__}")
+    try:
+        return np.broadcast_to(key_valid, key_shape)
+    except ValueError:
+        raise ValueError(
+            f"key_valid has shape {key_valid.shape}; expected a shape broadcastable to {key_shape} (..., M)"
+        ) from None
+
+
+def approximate_attention_matrix(q, k, features, *, causal=False, key_valid=None, kernel="softmax", eps=None):
+    """Materialise the N x M matrix D^-1 phi(Q) phi(K)^T that FAVOR+ applies to V.
+
+    For tests and teaching only: it costs O(N M) memory, which FAVOR+ avoids.
+    Causal masking keeps j <= i + (M - N); an empty row stays zero.
+    Returns the matrix (..., N, M).
+    """
+    _, cache = favor_attention_forward(
+        q, k, np.zeros_like(k[..., :1]), features, causal=causal, key_valid=key_valid, kernel=kernel, eps=eps
+    )
+    query_features = cache["query"]["phi"]
+    key_features = cache["key"]["phi"]
+    weights = query_features @ np.swapaxes(key_features, -1, -2)  # (..., N, F) @ (..., F, M) -> (..., N, M)
+    if causal:
+        n_queries, n_keys = q.shape[-2], k.shape[-2]
+        weights *= np.arange(n_keys)[None, :] <= np.arange(n_queries)[:, None] + (n_keys - n_queries)
+    total = np.sum(weights, axis=-1, keepdims=True)  # (..., N, 1)
+    inverse = np.zeros_like(total)
+    np.divide(1.0, total, out=inverse, where=total > 0)
+    return weights * inverse
+
+
+# --- the method object ----------------------------------------------------------
+
+
+class PerformerAttention:
+    """FAVOR+ attention as an attention method object (features kept between calls).
+
+    The features are drawn from rng when the head width is known: at
+    construction when width or features is given, otherwise at the first
+    forward. They change only when redraw_features() is called, never inside
+    forward or backward. Accepted masks are key-padding masks, which broadcast
+    over queries with shape (..., 1, M). A mask that differs between queries
+    would need the N x M matrix, so it is rejected.
+    """
+
+    name = "performer"
+
+    def __init__(
+        self,
+        *,
+        rng=None,
+        num_features=256,
+        orthogonal=True,
+        kernel="softmax",
+        eps=None,
+        chunk_size=64,
+        width=None,
+        features=None,
+    ):
+        self.rng = np.random.default_rng(0) if rng is None else rng
+        check_generator("rng", self.rng)
+        check_int("num_features", num_features, minimum=1)
+        check_choice("kernel", kernel, KERNELS)
+        self.eps = DEFAULT_EPS[kernel] if eps is None else eps
+        check_real("eps", self.eps, minimum=0.0)
+        check_int("chunk_size", chunk_size, minimum=1)
+        self.num_features = num_features
+        self.orthogonal = bool(orthogonal)
+        self.kernel = kernel
+        self.chunk_size = chunk_size
+        self.features = None
+        if features is not None:
+            check_float_array("features", features, min_ndim=2)
+            self.features = check_features(features, features.shape[-1], features.dtype)
+            self.num_features = features.shape[0]
+        elif width is not None:
+            self.redraw_features(width)
+
+    def redraw_features(self, width=None):
+        """Draw a new feature matrix (F, D) from the kept generator and return it."""
+        if width is None:
+            if self.features is None:
+                raise ValueError("redraw_features() needs width=D before the first forward")
+            width = self.features.shape[1]
+        self.features = draw_features(self.num_features, width, self.rng, orthogonal=self.orthogonal)
+        return self.features
+
+    def forward(self, q, k, v, *, mask=None, causal=False):
+        check_attention_inputs(q, k, v)
+        if self.features is None:
+            self.redraw_features(q.shape[-1])
+        key_valid = None
+        if mask is not None:
+            check_mask(mask, q.shape[:-2] + (q.shape[-2], k.shape[-2]))
+            if mask.ndim >= 2 and mask.shape[-2] != 1:
+                raise ValueError(
+                    f"mask has shape {mask.shape}; performer accepts only key-padding masks that "
+                    f"broadcast over queries, shape (..., 1, M), because a per-query mask needs "
+                    f"the N x M matrix"
+                )
+            key_valid = mask[..., 0, :] if mask.ndim >= 2 else mask
+        return favor_attention_forward(
+            q, k, v, self.features, causal=causal, key_valid=key_valid, kernel=self.kernel,
+            eps=self.eps, chunk_size=self.chunk_size,
+        )
+
+    def backward(self, dout, cache):
+        return favor_attention_backward(dout, cache)
+
+    def keys_seen(self, cache):
+        """Return None: every allowed key contributes to every query's output."""
+        return None
+
+
+def make_method(rng=None, **options):
+    """Return PerformerAttention(rng=rng, **options); see PerformerAttention for the options."""
+    return PerformerAttention(rng=rng, **options)
+
+
+def gradcheck_cases(rng):
+    """Return small float64 gradient-check cases (label, forward, backward, inputs, names).
+
+    The features are drawn once per case and closed over. Cases with eps > 0
+    also freeze the stabilisers of the unperturbed inputs, because c then no
+    longer cancels and a finite-difference step would move it.
+    """
+    cases = []
+    q = rng.standard_normal((1, 2, 5, 4))  # (B, H, N, D)
+    k = rng.standard_normal((1, 2, 7, 4))  # (B, H, M, D)
+    v = rng.standard_normal((1, 2, 7, 3))  # (B, H, M, Dv)
+    features = draw_features(6, 4, rng)  # (F, D)
+    for causal in (False, True):
+        for kernel, eps in (("softmax", 0.0), ("softmax", 1e-3), ("relu", 1e-3)):
+            _, cache = favor_attention_forward(q, k, v, features, causal=causal, kernel=kernel, eps=eps)
+            stabilisers = cache["stabilisers"] if kernel == "softmax" else None
+
+            def forward(q, k, v, causal=causal, kernel=kernel, eps=eps, stabilisers=stabilisers):
+                return favor_attention_forward(
+                    q, k, v, features, causal=causal, kernel=kernel, eps=eps,
+                    stabilisers=stabilisers, chunk_size=3,
+                )
+
+            label = f"{'causal' if causal else 'bidirectional'} {kernel} eps={eps:g}"
+            cases.append((label, forward, favor_attention_backward, [q, k, v], ["q", "k", "v"]))
+    return cases
+
+
+__all__ = [
+    "PerformerAttention",
+    "approximate_attention_matrix",
+    "draw_features",
+    "favor_attention_backward",
+    "favor_attention_forward",
+    "gradcheck_cases",
+    "linear_attention_backward",
+    "linear_attention_forward",
+    "make_method",
+    "relu_kernel_features_backward",
+    "relu_kernel_features_forward",
+    "softmax_kernel_features_backward",
+    "softmax_kernel_features_forward",
+]
