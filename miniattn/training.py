@@ -12,11 +12,12 @@ where s is 0 when the position table has exactly N rows, and a random start
 in [0, max_length - N] otherwise, so that every learned position is trained
 even though each window is short.
 
-A checkpoint is one ``.npz`` file with the parameters (``param/NAME``), the
-Adam state (``optimizer/KEY``), the attention methods' own arrays
-(``attention/blocks.I/ATTRIBUTE``: random features, rotations, centroids,
-relative-position weights), the model configuration as JSON and the
-vocabulary, so it can be loaded without the text it was trained on.
+A checkpoint is one ``.npz`` file. It stores the parameters
+(``param/NAME``), the Adam state (``optimizer/KEY``) and the attention
+methods' own arrays (``attention/blocks.I/ATTRIBUTE``: random features,
+rotations, centroids, relative-position weights). It also stores the model
+configuration as JSON and the vocabulary, so it can be loaded without the
+text it was trained on.
 """
 
 import json
@@ -418,8 +419,8 @@ def attention_parameters(model):
     """Return (params, grads): the arrays attention methods learn with their own backward.
 
     After a backward, Transformer-XL's relative attention leaves the gradients
-    of its u, v and W_r in ``grads``; they join the model's parameters here
-    under "attention.blocks.I.NAME" so that Adam trains them too.
+    of its u, v and W_r in ``grads``. They join the model's parameters here
+    under "attention.blocks.I.NAME", so Adam trains them too.
     """
     params, grads = {}, {}
     for index, block in enumerate(model.blocks):
