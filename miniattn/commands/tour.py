@@ -40,8 +40,8 @@ STRIP_WIDTH = 64  # characters in the drawing of the keys one query sees
 # offsets train a position table of max(N, MIN_POSITIONS) rows.
 TRAIN_CONTEXT = 64
 MIN_POSITIONS = 1024
-TRAIN_STEPS = 1000
-TRAIN_SECONDS = 75.0
+TRAIN_STEPS = 2000
+TRAIN_SECONDS = 90.0
 WEAK_MODEL_RATIO = 0.9  # a validation loss above this share of the unigram baseline earns a note
 
 
