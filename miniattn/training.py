@@ -93,7 +93,7 @@ def context_options(name, context, options, heads=MODEL_DEFAULTS["n_heads"]):
     The library defaults of some methods assume thousands of positions, so at a
     short context their pattern would cover every key and they would equal dense
     attention. The Routing Transformer mixes local-window heads with routing
-    heads, as its authors' language models do, and routes into 4 clusters of
+    heads, as its official implementation does, and routes into 4 clusters of
     about N / 4 keys. Options the user set are kept as given.
     """
     chosen = {}
@@ -243,6 +243,9 @@ def update_attention_state(model, cache):
     Methods with a state trained outside gradient descent offer
     update_centroids(attention_cache), and every other method is left alone.
     A routing method whose heads are all local has no centroids to move.
+
+    NOTE: the Routing Transformer's commitment loss, which pulls queries and
+    keys towards their centroids, is not added to the training loss.
     """
     for block, block_cache in zip(model.blocks, cache["blocks"]):
         attention = block.self_attention.attention
