@@ -396,6 +396,12 @@ def test_tour_checkpoint_other_configuration_fails(tmp_path, text_file, capsys):
     assert "--retrain" in error
 
 
+def test_tour_unknown_method_fails(capsys):
+    with pytest.raises(SystemExit):
+        main(["tour", "--methods", "transformer,nope"])
+    assert "unknown attention method 'nope'" in capsys.readouterr().err
+
+
 def test_tour_passage_longer_than_text_fails(tmp_path, text_file, capsys):
     argv = ["tour", "--n", "5000", "--repeat", "1", "--methods", "transformer", "--text", str(text_file),
             "--checkpoint", str(tmp_path / "tour.npz"), "--train-steps", "1", "--heads", "2", "--d", "4"]

@@ -202,7 +202,10 @@ def main(argv):
 
     names = [item for item in args.methods.split(",") if item] or [m.name for m in METHODS if is_implemented(m.name)]
     for name in names:
-        info(name)
+        try:
+            info(name)
+        except ValueError as error:
+            parser.error(str(error))
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
 
