@@ -430,7 +430,7 @@ def test_tour_plot_writes_png(tmp_path, text_file):
     argv = ["tour", "--n", "48", "--repeat", "1", "--methods", "transformer,transformer_xl", "--text", str(text_file),
             "--train-steps", "1", "--heads", "2", "--d", "4", "--plot", str(tmp_path / "figures")]
     assert main(argv) == 0
-    for name in ("patterns.png", "tour_cost.png"):
+    for name in ("patterns.png", "tour_cost.png", "loss_curves.png"):
         assert (tmp_path / "figures" / name).read_bytes().startswith(b"\x89PNG")
 
 

@@ -97,7 +97,10 @@ def run_one(name, q, k, v, causal_preferred, repeat, seed):
 
 
 def tour_model(args):
-    """Load the tour's language model from its checkpoint, or train and save it; return (model, config, corpus)."""
+    """Load the tour's language model from its checkpoint, or train and save it.
+
+    Returns (model, config, corpus, history); history is None for a loaded model.
+    """
     path = pathlib.Path(args.checkpoint) if args.checkpoint else cache_dir() / "tour-lm.npz"
     if path.is_file() and not args.retrain:
         model, config, vocabulary, _, extra = load_checkpoint(path)
@@ -121,7 +124,7 @@ def tour_model(args):
             f"reusing the language model in {path} (validation loss {extra.get('validation_loss', float('nan')):.3f}, "
             f"unigram {extra.get('unigram_loss', float('nan')):.3f}); pass --retrain to train it again"
         )
-        return model, config, corpus
+        return model, config, corpus, None
 
     heads = 4 if args.heads is None else args.heads
     corpus = load_corpus(args.text, TRAIN_CONTEXT)
@@ -148,7 +151,7 @@ def tour_model(args):
             f"baseline {corpus.unigram_loss:.3f}, so attention is still nearly untrained; on a busy machine try "
             f"OPENBLAS_NUM_THREADS=1, or a longer --train-time with --retrain"
         )
-    return model, config, corpus
+    return model, config, corpus, history
 
 
 def passage_ids(corpus, n):
@@ -164,12 +167,16 @@ def passage_ids(corpus, n):
 
 
 def real_inputs(args):
-    """Return q, k, v (1, H, N, D) float64 of the model's last layer on a held-out passage, and the passage."""
-    model, config, corpus = tour_model(args)
+    """Return q, k, v (1, H, N, D) float64 of the model's last layer on a held-out passage.
+
+    Also returns the passage, the layer index and the training history (None
+    when the model was loaded).
+    """
+    model, config, corpus, history = tour_model(args)
     ids = passage_ids(corpus, args.n)  # (N,)
     layer = config["n_layers"] - 1
     q, k, v = (array.astype(np.float64) for array in model.attention_inputs(ids[None], layer))  # (1, H, N, D)
-    return q, k, v, corpus.vocabulary.decode(ids), layer
+    return q, k, v, corpus.vocabulary.decode(ids), layer, history
 
 
 def main(argv):
@@ -211,7 +218,7 @@ def main(argv):
 
     started = time.perf_counter()
     try:
-        q, k, v, passage, layer = real_inputs(args)
+        q, k, v, passage, layer, history = real_inputs(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -252,5 +259,9 @@ def main(argv):
     print(format_table(table, list(table[0])))
     if args.plot:
         patterns = plots.keys_seen_patterns({row["name"]: row["pattern"] for row in rows}, args.plot)
-        report_plots(None if patterns is None else patterns + plots.tour_summary(rows, args.plot))
+        if patterns is not None:
+            patterns += plots.tour_summary(rows, args.plot)
+            if history is not None:
+                patterns += plots.loss_curves({"tour model": history}, args.plot)
+        report_plots(patterns)
     return 0
