@@ -5,6 +5,7 @@ file only dispatches. ``python -m miniattn`` alone prints the command list.
 """
 
 import importlib
+import os
 import sys
 
 # command -> (module with main(argv), one-line help)
@@ -35,4 +36,8 @@ def main(argv=None):
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except BrokenPipeError:  # output piped into a program that stopped reading (head, less)
+        sys.stdout = open(os.devnull, "w")
+        return 0
