@@ -438,14 +438,14 @@ class RingCache(NamedTuple):
     v: np.ndarray  # (..., M, Dv)
     out: np.ndarray  # (..., N, Dv)
     lse: np.ndarray  # (..., N)
-    mask: object  # the broadcast mask view (..., N, M) or None
+    mask: object  # the mask as given (broadcastable to (..., N, M)) or None
     config: RingConfig
     query_shards: np.ndarray  # (P, c_q)
     key_shards: np.ndarray  # (P, c_k)
     transport: str
-    process_options: dict  # start_method, timeout (process transport)
+    process_options: dict  # start_method, timeout, fault (process transport)
     work: list  # WorkCount per worker
-    report: object  # RingReport of the process transport (timeline, memory), None inline
+    reports: dict  # process transport: RingReport (timeline, memory) of "forward" and "backward"
 
 
 def check_ring_options(n_queries, n_keys, n_workers, layout, block_size, transport):
@@ -476,6 +476,7 @@ def ring_attention_forward(
     causal_alignment="bottom_right",
     start_method="spawn",
     timeout=300.0,
+    fault=None,
 ):
     """Exact attention softmax(s q k^T) v computed by a ring of P workers.
 
@@ -490,10 +491,12 @@ def ring_attention_forward(
     - transport: "inline" (one process, step by step) or "process" (P processes)
     - causal_alignment: "bottom_right" (default) or "top_left"
     - start_method, timeout: for the process transport (see miniattn.ring)
+    - fault: a miniattn.ring.RingFault testing hook for the process transport
 
     Returns (out, cache): out (..., N, Dv); cache is a RingCache with the
     global lse (..., N), each worker's WorkCount and, for the process
-    transport, the RingReport (timeline and peak memory per worker).
+    transport, the RingReport (timeline and peak memory per worker) of each
+    pass in cache.reports.
     """
     check_attention_inputs(q, k, v)
     n_queries, n_keys = q.shape[-2], k.shape[-2]
@@ -512,12 +515,16 @@ def ring_attention_forward(
     query_shards = shard_indices(n_queries, n_workers, layout)  # (P, c_q)
     key_shards = shard_indices(n_keys, n_workers, layout)  # (P, c_k)
     mask_view = local_mask(mask, n_queries, n_keys)  # (..., N, M) view or None
-    process_options = {"start_method": start_method, "timeout": timeout}
+    process_options = {"start_method": start_method, "timeout": timeout, "fault": fault}
+    if transport == "process":
+        from .ring import check_start_method
+
+        check_start_method(start_method)
 
     # 2. Run the P workers.
     out = np.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)  # (..., N, Dv)
     lse = np.full(q.shape[:-1], -np.inf, dtype=q.dtype)  # (..., N)
-    report = None
+    reports = {"forward": None, "backward": None}
     if transport == "inline":
         shards = make_shards(q, k, v, query_shards, key_shards)
         results = inline_forward(shards, config, mask_view)
@@ -531,12 +538,12 @@ def ring_attention_forward(
     else:
         from .ring import run_ring_forward
 
-        work, report = run_ring_forward(
-            q, k, v, mask_view, out, lse, config, query_shards, key_shards, **process_options
+        work, reports["forward"] = run_ring_forward(
+            q, k, v, mask, out, lse, config, query_shards, key_shards, **process_options
         )
 
     cache = RingCache(
-        q, k, v, out, lse, mask_view, config, query_shards, key_shards, transport, process_options, work, report
+        q, k, v, out, lse, mask, config, query_shards, key_shards, transport, process_options, work, reports
     )
     return out, cache
 
@@ -548,7 +555,7 @@ def ring_attention_backward(dout, cache):
     workers (same transport) recomputes every block's probabilities, and the
     gradient accumulators of each key/value block travel with it.
     """
-    q, k, v, out, lse, mask, config, query_shards, key_shards, transport, process_options, _, _ = cache
+    q, k, v, out, lse, mask, config, query_shards, key_shards, transport, process_options, _, reports = cache
     check_float_array("dout", dout, min_ndim=2)
     if dout.shape != out.shape:
         raise ValueError(f"dout has shape {dout.shape}; expected {out.shape}, the shape of the output")
@@ -559,7 +566,8 @@ def ring_attention_backward(dout, cache):
         outs = [gather_rows_padded(out, rows) for rows in query_shards]  # (..., c_q, Dv) each
         douts = [gather_rows_padded(dout, rows) for rows in query_shards]
         lses = [np.take(lse, np.maximum(rows, 0), axis=-1) for rows in query_shards]  # (..., c_q) each
-        results = inline_backward(shards, outs, lses, douts, config, mask)
+        mask_view = local_mask(mask, q.shape[-2], k.shape[-2])  # (..., N, M) view or None
+        results = inline_backward(shards, outs, lses, douts, config, mask_view)
 
         # The shard gathers are undone by scatter-adds (each row appears once, padding dropped).
         for worker, (worker_dq, worker_dk, worker_dv) in enumerate(results):
@@ -569,7 +577,7 @@ def ring_attention_backward(dout, cache):
     else:
         from .ring import run_ring_backward
 
-        run_ring_backward(
+        reports["backward"] = run_ring_backward(
             q, k, v, mask, out, lse, dout, dq, dk, dv, config, query_shards, key_shards, **process_options
         )
     return dq, dk, dv
