@@ -214,6 +214,7 @@ def wait_for_workers(phase, processes, conns, status, timeout):
                 reports[worker] = payload
                 pending.discard(worker)
             else:
+                processes[worker].join(JOIN_TIMEOUT)  # the sentinel fires before exitcode is set
                 code = processes[worker].exitcode
                 raise RingWorkerError(
                     f"ring worker {worker} exited with code {code} during the {phase} without a report", worker, phase
