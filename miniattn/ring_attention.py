@@ -204,13 +204,24 @@ class WorkCount:
     pairs: int = 0
 
 
-def expect_source(block, source, worker, step):
-    """Raise RuntimeError when a received block is not the one the schedule expects."""
-    if block.source != source:
+def expect_block(message, source, own, worker, step):
+    """Raise when a received message is not the block the schedule expects at this step.
+
+    The source must be worker (p - t) mod P, and its arrays must have the
+    shapes of this worker's own key/value block: every worker holds blocks
+    of one shape.
+    """
+    if message.source != source:
         raise RuntimeError(
-            f"worker {worker} received the block of worker {block.source} at step {step}; "
+            f"worker {worker} received the block of worker {message.source} at step {step}; "
             f"expected the block of worker {source} = (p - t) mod P"
         )
+    for got, expected in zip(message[-2:], (own.k, own.v)):
+        if got.shape != expected.shape:
+            raise ValueError(
+                f"worker {worker} received a block of shape {got.shape} from worker {source} at step {step}; "
+                f"expected {expected.shape} like its own block (every worker must hold blocks of one shape)"
+            )
 
 
 # --- the per-worker schedule -----------------------------------------------------------------
@@ -234,7 +245,7 @@ def worker_forward(shard, config, transport, mask=None):
         # 1. Take the block that worker p - 1 passed on at the previous step.
         if step > 0:
             block = transport.receive()
-            expect_source(block, source, worker, step)
+            expect_block(block, source, shard, worker, step)
 
         # 2. Pass it on to worker p + 1 before computing on it, so the send overlaps the compute.
         if step < n_workers - 1:
@@ -283,9 +294,9 @@ def worker_backward(shard, out, lse, dout, config, transport, mask=None):
         # 1. Take the block and its accumulators that worker p - 1 sent at the previous step.
         if step > 0:
             block = transport.receive()
-            expect_source(block, source, worker, step)
+            expect_block(block, source, shard, worker, step)
             grads = transport.receive()
-            expect_source(grads, source, worker, step)
+            expect_block(grads, source, shard, worker, step)
 
         # 2. Pass keys and values on before computing (they need only P - 1 hops).
         if step < n_workers - 1:
@@ -315,7 +326,7 @@ def worker_backward(shard, out, lse, dout, config, transport, mask=None):
 
     # 5. After P hops the accumulators of this worker's own block have come back.
     grads = transport.receive()
-    expect_source(grads, worker, worker, n_workers)
+    expect_block(grads, worker, shard, worker, n_workers)
     return dq, grads.dk, grads.dv
 
 

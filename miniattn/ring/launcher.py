@@ -35,10 +35,9 @@ import numpy as np
 
 from .shared import SharedArrays
 from .transport import DONE, FAULT_KINDS, STATE_NAMES, WAITING, RingFault
-from .worker import BLAS_THREAD_VARIABLES, WorkerTask, run_worker
+from .worker import BLAS_THREAD_VARIABLES, STARTUP_TIMEOUT, WorkerTask, run_worker
 
 START_METHODS = ("spawn", "forkserver")
-STARTUP_TIMEOUT = 120.0  # seconds allowed for workers to import NumPy and attach, at least
 JOIN_TIMEOUT = 5.0
 
 
@@ -207,18 +206,23 @@ def wait_for_workers(phase, processes, conns, status, timeout):
             worker = waitables[ready]
             if worker not in pending:
                 continue
+            message = None
             if ready is conns[worker] or conns[worker].poll():
-                kind, payload = conns[worker].recv()
-                if kind == "error":
-                    raise RingWorkerError(f"ring worker {worker} failed during the {phase}:\n{payload}", worker, phase)
-                reports[worker] = payload
-                pending.discard(worker)
-            else:
+                try:
+                    message = conns[worker].recv()
+                except EOFError:  # the worker closed its end by exiting, without a report
+                    message = None
+            if message is None:
                 processes[worker].join(JOIN_TIMEOUT)  # the sentinel fires before exitcode is set
                 code = processes[worker].exitcode
                 raise RingWorkerError(
                     f"ring worker {worker} exited with code {code} during the {phase} without a report", worker, phase
                 )
+            kind, payload = message
+            if kind == "error":
+                raise RingWorkerError(f"ring worker {worker} failed during the {phase}:\n{payload}", worker, phase)
+            reports[worker] = payload
+            pending.discard(worker)
 
         now = time.time()
         if not np.array_equal(status, last_status):

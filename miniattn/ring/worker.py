@@ -10,6 +10,7 @@ parent.
 """
 
 import os
+import time
 import traceback
 import tracemalloc
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from ..ring_attention import (
 )
 from .shared import attach
 from .transport import READY, ProcessEndpoint
+
+STARTUP_TIMEOUT = 120.0  # seconds a worker waits for the others to start
 
 BLAS_THREAD_VARIABLES = (
     "OPENBLAS_NUM_THREADS",
@@ -83,6 +86,20 @@ def max_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def wait_until_all_ready(status, worker, timeout=STARTUP_TIMEOUT):
+    """Publish READY, then wait until every worker has, so that all start step 0 together.
+
+    Workers start one after another (each imports NumPy); without this start
+    line the timeline would mostly show start-up skew.
+    """
+    status[worker, 1] = READY
+    deadline = time.time() + timeout
+    while np.any(status[:, 1] < READY):
+        if time.time() > deadline:
+            raise RuntimeError(f"worker {worker} waited {timeout:.0f} s for the other workers to start")
+        time.sleep(0.001)
+
+
 def run_worker(task, send_conn, receive_conn, result_conn):
     """Entry point of worker process task.worker (see the module docstring)."""
     segments, arrays = [], {}
@@ -93,7 +110,6 @@ def run_worker(task, send_conn, receive_conn, result_conn):
             segments.append(segment)
             arrays[key] = view
         status = arrays["status"]  # (P, 2)
-        status[task.worker, 1] = READY
         endpoint = ProcessEndpoint(task.worker, task.config.n_workers, send_conn, receive_conn, status, task.fault)
 
         # 1. Cut this worker's shard out of the shared inputs.
@@ -107,6 +123,7 @@ def run_worker(task, send_conn, receive_conn, result_conn):
         )
         mask = local_mask(arrays.get("mask"), task.n_queries, task.n_keys)
         valid = task.query_index >= 0
+        wait_until_all_ready(status, task.worker)
 
         # 2. Run the schedule and write this worker's rows of the outputs.
         if task.phase == "forward":
