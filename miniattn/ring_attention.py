@@ -158,7 +158,7 @@ class RingConfig:
 
 
 class RingShard(NamedTuple):
-    """What worker p holds for good: its query block and its own key/value block."""
+    """The blocks worker p keeps for the whole run: its query block and its own key/value block."""
 
     worker: int
     query_index: np.ndarray  # (c_q,) global query rows, -1 = padding
@@ -186,7 +186,7 @@ class GradBlock(NamedTuple):
 
 
 class RingStep(NamedTuple):
-    """What a worker did at one step: the record its generator yields."""
+    """The record a worker generator yields after each step."""
 
     step: int
     worker: int
@@ -442,7 +442,7 @@ def inline_backward(shards, outs, lses, douts, config, mask=None):
 
 
 class RingCache(NamedTuple):
-    """What ring_attention_backward needs, plus the run's records for inspection."""
+    """The inputs ring_attention_backward needs, plus the run's records for inspection."""
 
     q: np.ndarray  # (..., N, D)
     k: np.ndarray  # (..., M, D)

@@ -94,14 +94,17 @@ def test_blockwise_fully_masked_rows_give_zeros(rng):
     assert np.all(np.isneginf(cache.lse[:, :, :3]))
     assert np.all(np.isneginf(cache.lse[1]))
     assert np.all(dq[:, :, :3] == 0.0)
-    assert np.all(dq[1] == 0.0) and np.all(dk[1] == 0.0) and np.all(dv[1] == 0.0)
+    assert np.all(dq[1] == 0.0)
+    assert np.all(dk[1] == 0.0)
+    assert np.all(dv[1] == 0.0)
 
 
 def test_blockwise_float32_close_to_dense(rng):
     q, k, v = (x.astype(np.float32) for x in random_qkv(rng, 33, 40))
     out, cache = blockwise_attention_forward(q, k, v, causal=True, query_block=8, key_block=16)
     expected, _ = attention_forward(q, k, v, causal=True)
-    assert out.dtype == np.float32 and cache.lse.dtype == np.float32
+    assert out.dtype == np.float32
+    assert cache.lse.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -17,7 +17,7 @@ SHM_PREFIX = "miniattn_ring_"
 
 
 class SharedArraySpec(NamedTuple):
-    """How a worker finds one shared array: segment name, shape and dtype."""
+    """The address of one shared array: segment name, shape and dtype."""
 
     name: str
     shape: tuple

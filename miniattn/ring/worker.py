@@ -56,7 +56,7 @@ class WorkerTask:
 
 @dataclass
 class WorkerReport:
-    """What a worker reports back: its work, its timeline and its peak memory."""
+    """A worker's report to the parent: its work, its timeline and its peak memory."""
 
     worker: int
     pid: int
