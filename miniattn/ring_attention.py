@@ -71,6 +71,8 @@ from .core.masks import CAUSAL_ALIGNMENTS
 from .core.online_softmax import (
     DEFAULT_BLOCK_SIZE,
     BlockMask,
+    blockwise_attention_backward,
+    blockwise_attention_forward,
     causal_offset_for,
     empty_partial,
     local_mask,
@@ -622,6 +624,10 @@ class RingAttention:
         check_choice("layout", layout, LAYOUTS)
         check_choice("transport", transport, TRANSPORTS)
         check_int("block_size", block_size, minimum=1)
+        if transport == "process":
+            from .ring import check_start_method
+
+            check_start_method(start_method)
         self.n_workers = n_workers
         self.layout = layout
         self.transport = transport
@@ -673,4 +679,13 @@ def gradcheck_cases(rng):
             return ring_attention_forward(q, k, v, n_workers=n_workers, layout=layout, causal=causal, block_size=2)
 
         cases.append((label, forward, ring_attention_backward, [q, k, v], ["q", "k", "v"]))
+
+    # The single-process blockwise attention every worker runs, on its own.
+    q, k, v = rng.standard_normal((1, 2, 6, 3)), rng.standard_normal((1, 2, 8, 3)), rng.standard_normal((1, 2, 8, 2))
+
+    def blockwise_forward(q, k, v):
+        return blockwise_attention_forward(q, k, v, causal=True, query_block=4, key_block=3)
+
+    cases.append(("blockwise causal, N=6 M=8, tiles 4 x 3", blockwise_forward, blockwise_attention_backward,
+                  [q, k, v], ["q", "k", "v"]))
     return cases

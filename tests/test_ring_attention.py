@@ -207,6 +207,15 @@ def test_ring_rejects_bad_options(rng, options, message):
     assert multiprocessing.active_children() == []
 
 
+def test_make_method_rejects_bad_options():
+    with pytest.raises(ValueError, match="start_method='fork'"):
+        make_method("ring_attention", transport="process", start_method="fork")
+    with pytest.raises(ValueError, match="n_workers=0"):
+        make_method("ring_attention", P=0)
+    with pytest.raises(ValueError, match="layout='diagonal'"):
+        make_method("ring_attention", layout="diagonal")
+
+
 def test_ring_rejects_shards_of_different_shapes(rng):
     q, k, v = random_qkv(rng, 8, 8)
     shards = make_shards(q, k, v, shard_indices(8, 2, "contiguous"), shard_indices(8, 2, "contiguous"))
