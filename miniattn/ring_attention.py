@@ -1,4 +1,4 @@
-"""Ring Attention (Liu, Zaharia and Abbeel, 2023): exact attention over a ring of workers.
+"""Ring Attention (Liu, Zaharia and Abbeel, ICLR 2024): exact attention over a ring of workers.
 
 Letters: B batch, H heads, N queries, M keys, D head width, P ring workers,
 c block length per worker (c = ceil(N / P) queries, ceil(M / P) keys),
@@ -39,9 +39,10 @@ that every block's contribution is exact and the contributions simply add:
 Keys and values need P - 1 hops; their gradient accumulators need P.
 
 Causal work. Masks are built from global positions. With the contiguous
-layout (worker p holds rows p c .. (p + 1) c - 1) a block from a later worker
-lies wholly in the future and is skipped, so worker p computes p + 1 blocks:
-worker P - 1 does P times the work of worker 0 and the others wait. The
+layout (worker p holds the p-th run of consecutive rows) a block from a later
+worker lies wholly in the future and is skipped, so worker p computes p + 1
+blocks: worker P - 1 computes P blocks while worker 0 computes one, and the
+others wait for it. The
 striped layout (worker r holds rows r, r + P, r + 2P, ...) gives every
 worker a causal half of every block, so the work is balanced.
 
@@ -137,6 +138,9 @@ def pair_mask(mask, query_index, key_index):
 
     mask is the broadcast view (..., N, M); padding indices read row/column 0,
     which BlockMask masks out anyway.
+    NOTE: every worker can read the whole mask. That costs nothing for key
+    padding (..., 1, 1, M), but a full (N, M) mask gives up the O(N / P)
+    memory per worker; causal masks are built from positions instead.
     """
     if mask is None:
         return None
