@@ -324,3 +324,19 @@ def test_ring_command_draws_timeline(capsys, no_leftovers):
     assert "worker 0  compute |" in printed
     assert "worker 1  compute |" in printed
     assert "max |ring - dense|" in printed
+
+
+@pytest.mark.slow
+def test_process_ring_gradcheck(rng, no_leftovers):
+    # Every forward spawns P processes, so the check uses two random directions per input.
+    q, k, v = random_qkv(rng, 7, 9, batch=(1, 1), width=3, value_width=2)
+
+    def forward(q, k, v):
+        return ring_attention_forward(
+            q, k, v, n_workers=2, layout="striped", causal=True, block_size=2, transport="process", timeout=60
+        )
+
+    result = gradcheck(
+        forward, ring_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng, max_elementwise=0, n_directions=2
+    )
+    result.assert_ok(1e-6)
