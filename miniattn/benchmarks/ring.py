@@ -148,6 +148,38 @@ def cost_model(report, n, width, itemsize):
     }
 
 
+def run_memory_section(args, lengths, rng):
+    """Print and return section 1."""
+    width, block = args.width, args.block_size
+    print(f"\n1. peak memory, blockwise vs dense attention (D={width}, float32, causal, tiles {block}):", flush=True)
+    memory_rows = memory_sweep(lengths, width, block, args.dense_limit * GIB, rng)
+    print(format_table(memory_rows, ["N", "blockwise peak", "blockwise seconds", "dense peak", "one score matrix"]))
+    return [{key: value for key, value in row.items() if key.startswith("_") or key == "N"} for row in memory_rows]
+
+
+def run_ring_memory_section(args, rng):
+    """Print and return section 2."""
+    print(f"\n2. ring: largest worker peak memory vs P (N={args.speed_length}, processes, tiles {args.ring_block_size}):", flush=True)
+    ring_rows = ring_memory_sweep(args.speed_length, args.width, args.ring_block_size, [1, 2, 4, 8], rng)
+    print(format_table(ring_rows, ["P", "max worker peak", "peak x P"]))
+    return [{"P": row["P"], "peak_bytes": row["_peak_bytes"]} for row in ring_rows]
+
+
+def run_speed_sections(args, rng):
+    """Print and return sections 3 and 4, which share the P = 2 runs."""
+    print(f"\n3. speed-up of P=2 over P=1 processes (N={args.speed_length}, bidirectional, one BLAS thread each):", flush=True)
+    best, reports = speedup(args.speed_length, args.width, args.block_size, args.repeats, rng)
+    ratio = best[1][0] / best[2][0]
+    print(f"  speed-up (compute span): {ratio:.2f}x; with process start-up: {best[1][1] / best[2][1]:.2f}x")
+
+    print("\n4. cost model per block (from the P=2 run):", flush=True)
+    model = cost_model(reports[2], args.speed_length, args.width, np.dtype(np.float32).itemsize)
+    for name, value in model.items():
+        print(f"  {name:<24} {value:.4g}")
+    speed = {"P1_span": best[1][0], "P2_span": best[2][0], "P1_wall": best[1][1], "P2_wall": best[2][1], "ratio": ratio}
+    return {"speedup": speed, "cost_model": model}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m miniattn.benchmarks.ring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes that finish in well under a minute")
@@ -160,39 +192,22 @@ def main(argv=None):
     parser.add_argument("--ring-block-size", type=int, default=256,
                         help="tile size in the ring memory sweep, small so that the blocks, not the tile, dominate (default 256)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per P in the speed-up, best kept (default 3)")
+    parser.add_argument("--sections", default="1234", help="which of the four measurements to run, e.g. 34 (default 1234)")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_length, args.speed_length, args.repeats = 8192, 4096, 1
     rng = np.random.default_rng(0)
-    width, block = args.width, args.block_size
     lengths = [1024 * 2**i for i in range(20) if 1024 * 2**i <= args.max_length]
 
     print(f"machine: {machine_description()}")
-    print(f"\n1. peak memory, blockwise vs dense attention (D={width}, float32, causal, tiles {block}):", flush=True)
-    memory_rows = memory_sweep(lengths, width, block, args.dense_limit * GIB, rng)
-    print(format_table(memory_rows, ["N", "blockwise peak", "blockwise seconds", "dense peak", "one score matrix"]))
-
-    print(f"\n2. ring: largest worker peak memory vs P (N={args.speed_length}, processes, tiles {args.ring_block_size}):", flush=True)
-    ring_rows = ring_memory_sweep(args.speed_length, width, args.ring_block_size, [1, 2, 4, 8], rng)
-    print(format_table(ring_rows, ["P", "max worker peak", "peak x P"]))
-
-    print(f"\n3. speed-up of P=2 over P=1 processes (N={args.speed_length}, bidirectional, one BLAS thread each):", flush=True)
-    best, reports = speedup(args.speed_length, width, block, args.repeats, rng)
-    ratio = best[1][0] / best[2][0]
-    print(f"  speed-up (compute span): {ratio:.2f}x; with process start-up: {best[1][1] / best[2][1]:.2f}x")
-
-    print("\n4. cost model per block (from the P=2 run):", flush=True)
-    model = cost_model(reports[2], args.speed_length, width, np.dtype(np.float32).itemsize)
-    for name, value in model.items():
-        print(f"  {name:<24} {value:.4g}")
-
-    write_json(args.json, {
-        "machine": machine_description(),
-        "memory": [{key: value for key, value in row.items() if key.startswith("_") or key == "N"} for row in memory_rows],
-        "ring_memory": [{"P": row["P"], "peak_bytes": row["_peak_bytes"]} for row in ring_rows],
-        "speedup": {"P1_span": best[1][0], "P2_span": best[2][0], "P1_wall": best[1][1], "P2_wall": best[2][1], "ratio": ratio},
-        "cost_model": model,
-    })
+    results = {"machine": machine_description()}
+    if "1" in args.sections:
+        results["memory"] = run_memory_section(args, lengths, rng)
+    if "2" in args.sections:
+        results["ring_memory"] = run_ring_memory_section(args, rng)
+    if "3" in args.sections or "4" in args.sections:
+        results.update(run_speed_sections(args, rng))
+    write_json(args.json, results)
     return 0
 
 

@@ -142,7 +142,8 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     lse_safe = np.where(np.isneginf(lse), 0.0, lse)  # empty rows: avoid (-inf) - (-inf)
     weight_a = np.exp(lse_a - lse_safe)[..., None]  # (..., N, 1)
     weight_b = np.exp(lse_b - lse_safe)[..., None]  # (..., N, 1)
-    out = weight_a * out_a + weight_b * out_b  # (..., N, Dv)
+    out = weight_a * out_a  # (..., N, Dv)
+    out += weight_b * out_b
     return out.astype(out_a.dtype, copy=False), lse.astype(lse_a.dtype, copy=False)
 
 

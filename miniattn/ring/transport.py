@@ -2,10 +2,18 @@
 
 ``send`` hands a message to a sender thread and returns at once, so the main
 thread can compute while the block is being transferred. This also rules out
-the classic ring deadlock: if every worker made a blocking send of a block
+the classic ring deadlock. If every worker made a blocking send of a block
 larger than the pipe buffer (64 KiB on Linux) before receiving, every worker
 would wait for its neighbour to read and none would. Here only the sender
 thread blocks, and the main thread goes on to receive.
+
+At most MAX_IN_FLIGHT messages may be queued or in transfer; a further send
+waits until the oldest has been read. Without this bound a worker that runs
+ahead of its slower neighbour would keep up to P - 1 blocks alive, O(N)
+memory instead of O(N / P). The bound is two because the backward sends two
+messages per step (K,V and then dK,dV). Worker p + 1 reads both of them at
+the start of its next step without waiting for anything else from worker p,
+so a worker waiting here never waits on itself in a cycle.
 
 The endpoint also records the timeline (compute, wait, send), publishes the
 worker's progress in the shared status array that the parent watches for a
@@ -26,6 +34,7 @@ from .timeline import Event
 STARTING, READY, COMPUTING, WAITING, DONE = 0, 1, 2, 3, 4
 STATE_NAMES = {STARTING: "starting", READY: "ready", COMPUTING: "computing", WAITING: "waiting", DONE: "done"}
 FAULT_KINDS = ("raise", "hang", "exit")
+MAX_IN_FLIGHT = 2
 
 
 class RingFault(NamedTuple):
@@ -54,6 +63,7 @@ class ProcessEndpoint:
         self.events = []  # list.append is atomic, so both threads may record
         self.step = -1  # the step of the latest compute; -1 before the first
         self.outbox = queue.Queue()
+        self.send_slots = threading.Semaphore(MAX_IN_FLIGHT)
         self.send_error = None
         self.sender = threading.Thread(target=self._send_loop, name=f"ring-sender-{worker}", daemon=True)
         self.sender.start()
@@ -74,13 +84,21 @@ class ProcessEndpoint:
             except (OSError, ValueError) as error:  # the neighbour has gone
                 self.send_error = error
                 return
+            finally:
+                self.send_slots.release()
             self.events.append(Event("send", step, start, time.time(), describe(message)))
 
     def send(self, message):
-        """Queue a message for worker p + 1 and return without waiting."""
+        """Queue a message for worker p + 1; wait only while MAX_IN_FLIGHT are still unread."""
         if self.send_error is not None:
             raise RuntimeError(f"worker {self.worker} could not send to worker "
                                f"{(self.worker + 1) % self.n_workers}: {self.send_error}")
+        if not self.send_slots.acquire(blocking=False):
+            self.publish(WAITING)
+            start = time.time()
+            self.send_slots.acquire()
+            self.events.append(Event("wait", self.step, start, time.time(), "for a send slot"))
+            self.publish(READY)
         self.outbox.put((self.step, message))
 
     def receive(self):

@@ -10,6 +10,7 @@ parent.
 """
 
 import os
+import sys
 import time
 import traceback
 import tracemalloc
@@ -29,6 +30,7 @@ from .shared import attach
 from .transport import READY, ProcessEndpoint
 
 STARTUP_TIMEOUT = 120.0  # seconds a worker waits for the others to start
+SWITCH_INTERVAL = 0.0005  # seconds
 
 BLAS_THREAD_VARIABLES = (
     "OPENBLAS_NUM_THREADS",
@@ -103,6 +105,9 @@ def wait_until_all_ready(status, worker, timeout=STARTUP_TIMEOUT):
 def run_worker(task, send_conn, receive_conn, result_conn):
     """Entry point of worker process task.worker (see the module docstring)."""
     segments, arrays = [], {}
+    # The sender thread needs the GIL to start a transfer; a switch interval
+    # shorter than the default 5 ms lets it start while the main thread computes.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         tracemalloc.start()
         for key, spec in task.specs.items():
