@@ -71,13 +71,17 @@ class WorkerReport:
 
 
 def run_to_end(generator):
-    """Run a worker generator to its end; return (its return value, its RingStep records)."""
-    steps = []
+    """Run a worker generator to its end; return (its return value, blocks it computed).
+
+    Only the computed flag of each RingStep is kept: a record also refers to
+    that step's running output, and keeping P of them would cost O(N) memory.
+    """
+    blocks_computed = 0
     while True:
         try:
-            steps.append(next(generator))
+            blocks_computed += next(generator).computed
         except StopIteration as finished:
-            return finished.value, steps
+            return finished.value, blocks_computed
 
 
 def max_rss_bytes():
@@ -132,7 +136,7 @@ def run_worker(task, send_conn, receive_conn, result_conn):
 
         # 2. Run the schedule and write this worker's rows of the outputs.
         if task.phase == "forward":
-            (out, lse, work), steps = run_to_end(worker_forward(shard, task.config, endpoint, mask))
+            (out, lse, work), blocks_computed = run_to_end(worker_forward(shard, task.config, endpoint, mask))
             arrays["out"][..., task.query_index[valid], :] = out[..., valid, :]
             arrays["lse"][..., task.query_index[valid]] = lse[..., valid]
             pairs = work.pairs
@@ -140,7 +144,7 @@ def run_worker(task, send_conn, receive_conn, result_conn):
             out = gather_rows_padded(arrays["out"], task.query_index)  # (..., c_q, Dv)
             dout = gather_rows_padded(arrays["dout"], task.query_index)  # (..., c_q, Dv)
             lse = np.take(arrays["lse"], np.maximum(task.query_index, 0), axis=-1)  # (..., c_q)
-            (dq, dk, dv), steps = run_to_end(
+            (dq, dk, dv), blocks_computed = run_to_end(
                 worker_backward(shard, out, lse, dout, task.config, endpoint, mask)
             )
             scatter_add_rows_padded(arrays["dq"], task.query_index, dq)
@@ -154,7 +158,7 @@ def run_worker(task, send_conn, receive_conn, result_conn):
         report = WorkerReport(
             task.worker,
             os.getpid(),
-            sum(step.computed for step in steps),
+            blocks_computed,
             pairs,
             list(endpoint.events),
             peak,
