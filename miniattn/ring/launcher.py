@@ -39,6 +39,7 @@ from .worker import BLAS_THREAD_VARIABLES, STARTUP_TIMEOUT, WorkerTask, run_work
 
 START_METHODS = ("spawn", "forkserver")
 JOIN_TIMEOUT = 5.0
+FAILURE_GRACE = 1.0  # seconds to wait for the root cause after a follow-on failure
 
 
 class RingWorkerError(RuntimeError):
@@ -193,12 +194,20 @@ def run_ring(phase, inputs, outputs, config, query_shards, key_shards, *, start_
 
 
 def wait_for_workers(phase, processes, conns, status, timeout):
-    """Collect one report per worker; raise on an error, a silent exit or a stall."""
+    """Collect one report per worker; raise on an error, a silent exit or a stall.
+
+    When one worker fails, its neighbours soon fail too, because their pipe to
+    it breaks. Those are follow-on failures, so after the first failure the
+    parent keeps collecting for up to FAILURE_GRACE seconds and names the
+    worker whose failure was not caused by a vanished neighbour.
+    """
     n_workers = len(processes)
     reports = [None] * n_workers
+    failures = {}  # worker -> (RingWorkerError, caused by a vanished neighbour)
     pending = set(range(n_workers))
     last_status = status.copy()
     last_change = time.time()
+    first_failure = None
     while pending:
         waitables = {conns[worker]: worker for worker in pending}
         waitables.update({processes[worker].sentinel: worker for worker in pending})
@@ -206,25 +215,30 @@ def wait_for_workers(phase, processes, conns, status, timeout):
             worker = waitables[ready]
             if worker not in pending:
                 continue
-            message = None
-            if ready is conns[worker] or conns[worker].poll():
-                try:
-                    message = conns[worker].recv()
-                except EOFError:  # the worker closed its end by exiting, without a report
-                    message = None
+            pending.discard(worker)
+            message = receive_report(conns[worker], ready)
             if message is None:
                 processes[worker].join(JOIN_TIMEOUT)  # the sentinel fires before exitcode is set
                 code = processes[worker].exitcode
-                raise RingWorkerError(
+                error = RingWorkerError(
                     f"ring worker {worker} exited with code {code} during the {phase} without a report", worker, phase
                 )
-            kind, payload = message
-            if kind == "error":
-                raise RingWorkerError(f"ring worker {worker} failed during the {phase}:\n{payload}", worker, phase)
-            reports[worker] = payload
-            pending.discard(worker)
+                failures[worker] = (error, False)
+            elif message[0] == "error":
+                error = RingWorkerError(f"ring worker {worker} failed during the {phase}:\n{message[1]}", worker, phase)
+                failures[worker] = (error, lost_neighbour(message[1]))
+            else:
+                reports[worker] = message[1]
 
         now = time.time()
+        if failures:
+            first_failure = first_failure or now
+            root_causes = [error for error, follow_on in failures.values() if not follow_on]
+            if root_causes:
+                raise root_causes[0]
+            if not pending or now - first_failure > FAILURE_GRACE:
+                raise next(iter(failures.values()))[0]
+            continue
         if not np.array_equal(status, last_status):
             last_status, last_change = status.copy(), now
         all_started = bool(np.all(last_status[:, 1] > 0))
@@ -232,6 +246,22 @@ def wait_for_workers(phase, processes, conns, status, timeout):
         if pending and now - last_change > limit:
             raise stall_error(phase, last_status, pending, now - last_change)
     return reports
+
+
+def receive_report(conn, ready):
+    """Return a worker's ("ok" | "error", payload) message, or None if it exited without one."""
+    if ready is not conn and not conn.poll():
+        return None
+    try:
+        return conn.recv()
+    except EOFError:  # the worker closed its end by exiting, without a report
+        return None
+
+
+def lost_neighbour(traceback_text):
+    """Return True when a worker's traceback shows that a neighbour went away first."""
+    last_line = traceback_text.strip().splitlines()[-1]
+    return last_line.startswith(("EOFError", "BrokenPipeError", "ConnectionResetError")) or "could not send" in last_line
 
 
 def stall_error(phase, status, pending, idle):
