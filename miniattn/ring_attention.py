@@ -76,7 +76,7 @@ from .core.online_softmax import (
     blockwise_attention_forward,
     causal_offset_for,
     empty_partial,
-    local_mask,
+    mask_with_two_axes,
     merge_partials,
     output_delta,
     partial_attention_backward,
@@ -134,19 +134,21 @@ def scatter_add_rows_padded(dest, index, rows):
 
 
 def pair_mask(mask, query_index, key_index):
-    """Return the general mask for these local rows and columns (..., c_q, c_k), or None.
+    """Return the general mask for these local rows and columns (..., c_q or 1, c_k or 1), or None.
 
-    mask is the broadcast view (..., N, M); padding indices read row/column 0,
-    which BlockMask masks out anyway.
-    NOTE: every worker can read the whole mask. That costs nothing for key
+    mask is (..., N or 1, M or 1); a size-1 axis stays size 1. Padding
+    indices read row/column 0, which BlockMask masks out anyway.
+    NOTE: every worker can read the whole mask. That costs little for key
     padding (..., 1, 1, M), but a full (N, M) mask gives up the O(N / P)
     memory per worker; causal masks are built from positions instead.
     """
     if mask is None:
         return None
-    rows = np.maximum(query_index, 0)[:, None]  # (c_q, 1)
-    cols = np.maximum(key_index, 0)[None, :]  # (1, c_k)
-    return mask[..., rows, cols]
+    if mask.shape[-2] > 1:
+        mask = np.take(mask, np.maximum(query_index, 0), axis=-2)  # (..., c_q, M or 1)
+    if mask.shape[-1] > 1:
+        mask = np.take(mask, np.maximum(key_index, 0), axis=-1)  # (..., c_q or 1, c_k)
+    return mask
 
 
 # --- what travels and what each worker holds ----------------------------------------------
@@ -237,7 +239,7 @@ def worker_forward(shard, config, transport, mask=None):
     """Run worker p's forward schedule; a generator yielding one RingStep per step.
 
     Inputs: the worker's RingShard, the shared RingConfig, a transport
-    endpoint (send, receive, compute) and the global mask view (..., N, M) or
+    endpoint (send, receive, compute) and the global mask (..., N or 1, M or 1) or
     None. The generator returns (out (..., c_q, Dv), lse (..., c_q), WorkCount).
     """
     worker, n_workers = shard.worker, config.n_workers
@@ -531,7 +533,7 @@ def ring_attention_forward(
     )
     query_shards = shard_indices(n_queries, n_workers, layout)  # (P, c_q)
     key_shards = shard_indices(n_keys, n_workers, layout)  # (P, c_k)
-    mask_view = local_mask(mask, n_queries, n_keys)  # (..., N, M) view or None
+    mask_2d = mask_with_two_axes(mask)  # (..., N or 1, M or 1) or None
     process_options = {"start_method": start_method, "timeout": timeout, "fault": fault}
     if transport == "process":
         from .ring import check_start_method
@@ -544,7 +546,7 @@ def ring_attention_forward(
     reports = {"forward": None, "backward": None}
     if transport == "inline":
         shards = make_shards(q, k, v, query_shards, key_shards)
-        results = inline_forward(shards, config, mask_view)
+        results = inline_forward(shards, config, mask_2d)
 
         # 3. Put every worker's rows back in global order, dropping padding rows.
         for worker, (worker_out, worker_lse, _) in enumerate(results):
@@ -583,8 +585,7 @@ def ring_attention_backward(dout, cache):
         outs = [gather_rows_padded(out, rows) for rows in query_shards]  # (..., c_q, Dv) each
         douts = [gather_rows_padded(dout, rows) for rows in query_shards]
         lses = [np.take(lse, np.maximum(rows, 0), axis=-1) for rows in query_shards]  # (..., c_q) each
-        mask_view = local_mask(mask, q.shape[-2], k.shape[-2])  # (..., N, M) view or None
-        results = inline_backward(shards, outs, lses, douts, config, mask_view)
+        results = inline_backward(shards, outs, lses, douts, config, mask_with_two_axes(mask))
 
         # The shard gathers are undone by scatter-adds (each row appears once, padding dropped).
         for worker, (worker_dq, worker_dk, worker_dv) in enumerate(results):

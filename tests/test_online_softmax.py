@@ -81,6 +81,19 @@ def test_blockwise_key_padding_matches_dense(rng):
         np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
+def test_blockwise_general_mask_matches_dense(rng):
+    q, k, v = random_qkv(rng, 9, 6)
+    mask = rng.random((2, 1, 9, 6)) < 0.6  # (B, 1, N, M): broadcast over heads
+    mask[0, 0, 4] = False  # one fully masked row
+    out, cache = blockwise_attention_forward(q, k, v, mask=mask, query_block=4, key_block=4)
+    expected, dense_cache = attention_forward(q, k, v, mask=mask)
+    np.testing.assert_allclose(out, expected, rtol=TOL, atol=TOL)
+    assert_lse_equal(cache.lse, dense_lse(q, k, dense_cache[7]))
+    dout = rng.standard_normal(out.shape)
+    for got, want in zip(blockwise_attention_backward(dout, cache), attention_backward(dout, dense_cache)):
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
 def test_blockwise_fully_masked_rows_give_zeros(rng):
     # N = 5 queries, M = 2 keys, bottom-right causal: queries 0..2 precede every key.
     q, k, v = random_qkv(rng, 5, 2)

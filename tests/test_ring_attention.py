@@ -98,6 +98,16 @@ def test_inline_ring_with_key_padding_matches_dense(rng, layout):
     assert_matches_dense(q, k, v, out, cache.lse, grads, dout, causal=True, mask=mask)
 
 
+def test_inline_ring_with_general_mask_matches_dense(rng):
+    q, k, v = random_qkv(rng, 11, 8)
+    mask = rng.random((2, 1, 11, 8)) < 0.6  # (B, 1, N, M): broadcast over heads
+    mask[1, 0, 5] = False  # one fully masked row
+    out, cache = ring_attention_forward(q, k, v, n_workers=3, layout="striped", causal=True, mask=mask, block_size=2)
+    dout = rng.standard_normal(out.shape)
+    grads = ring_attention_backward(dout, cache)
+    assert_matches_dense(q, k, v, out, cache.lse, grads, dout, causal=True, mask=mask)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_ring_with_one_worker_is_blockwise_exactly(rng, causal):
     q, k, v = random_qkv(rng, 9, 12)

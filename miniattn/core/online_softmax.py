@@ -67,8 +67,9 @@ class BlockMask:
     - causal_offset: None for bidirectional attention; otherwise global key j
       is allowed for global query i when j <= i + causal_offset (M - N for
       bottom-right alignment, 0 for top-left)
-    - mask: None or a bool array (..., n, m) in local coordinates, True where
-      a query may attend a key (key padding, a general mask)
+    - mask: None or a bool array (..., n or 1, m or 1) in local coordinates,
+      True where a query may attend a key; a size-1 axis broadcasts (key
+      padding is (B, 1, 1, m))
     """
 
     def __init__(self, query_index, key_index, *, causal_offset=None, mask=None):
@@ -85,7 +86,9 @@ class BlockMask:
         if self.causal_offset is not None:
             allowed &= key_index[None, :] <= query_index[:, None] + self.causal_offset
         if self.mask is not None:
-            return allowed & self.mask[..., rows, cols]
+            mask_rows = rows if self.mask.shape[-2] > 1 else slice(None)
+            mask_cols = cols if self.mask.shape[-1] > 1 else slice(None)
+            return allowed & self.mask[..., mask_rows, mask_cols]
         return None if allowed.all() else allowed
 
     def is_empty(self, rows, cols):
@@ -114,12 +117,15 @@ class BlockMask:
         return int(np.searchsorted(np.sort(key_index), limits, side="right").sum())
 
 
-def local_mask(mask, n_queries, n_keys):
-    """Return mask as a read-only broadcast view (..., N, M), or None."""
+def mask_with_two_axes(mask):
+    """Return mask (None, or broadcastable to (..., N, M)) with at least two axes.
+
+    The axes are not expanded: a key-padding mask stays (B, 1, 1, M), so no
+    worker or tile ever makes it (N, M).
+    """
     if mask is None:
         return None
-    mask = mask.reshape((1,) * max(0, 2 - mask.ndim) + mask.shape)
-    return np.broadcast_to(mask, mask.shape[:-2] + (n_queries, n_keys))
+    return mask.reshape((1,) * max(0, 2 - mask.ndim) + mask.shape)
 
 
 def tile_ranges(length, block):
@@ -335,7 +341,7 @@ def blockwise_attention_forward(
     offset = causal_offset_for(n_queries, n_keys, causal, causal_alignment)
 
     block_mask = BlockMask(
-        np.arange(n_queries), np.arange(n_keys), causal_offset=offset, mask=local_mask(mask, n_queries, n_keys)
+        np.arange(n_queries), np.arange(n_keys), causal_offset=offset, mask=mask_with_two_axes(mask)
     )
     out, lse = partial_attention_forward(
         q, k, v, block_mask, scale=scale, query_block=query_block, key_block=key_block

@@ -162,7 +162,6 @@ def run_ring(phase, inputs, outputs, config, query_shards, key_shards, *, start_
             for worker in range(n_workers):
                 task = WorkerTask(
                     phase, worker, config, query_shards[worker], key_shards[worker], dict(shared.specs),
-                    inputs["q"].shape[-2], inputs["k"].shape[-2],
                     fault if fault is not None and fault.phase == phase else None,
                 )
                 process = context.Process(

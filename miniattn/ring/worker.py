@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.online_softmax import local_mask
+from ..core.online_softmax import mask_with_two_axes
 from ..ring_attention import (
     RingShard,
     gather_rows_padded,
@@ -51,8 +51,6 @@ class WorkerTask:
     query_index: np.ndarray  # (c_q,)
     key_index: np.ndarray  # (c_k,)
     specs: dict  # array name -> SharedArraySpec
-    n_queries: int
-    n_keys: int
     fault: object = None  # RingFault or None
 
 
@@ -130,7 +128,7 @@ def run_worker(task, send_conn, receive_conn, result_conn):
             gather_rows_padded(arrays["k"], task.key_index),  # (..., c_k, D)
             gather_rows_padded(arrays["v"], task.key_index),  # (..., c_k, Dv)
         )
-        mask = local_mask(arrays.get("mask"), task.n_queries, task.n_keys)
+        mask = mask_with_two_axes(arrays.get("mask"))  # (..., N or 1, M or 1)
         valid = task.query_index >= 0
         wait_until_all_ready(status, task.worker)
 
