@@ -14,6 +14,7 @@ COMMANDS = {
     "gradcheck": ("miniattn.commands.gradcheck", "check every backward against finite differences"),
     "bench": ("miniattn.commands.bench", "time and peak memory of the methods against N"),
     "tour": ("miniattn.commands.tour", "run every method on the same input and compare"),
+    "ring": ("miniattn.commands.ring", "run Ring Attention on worker processes and draw the timeline"),
 }
 
 
