@@ -5,6 +5,7 @@ file only dispatches. ``python -m miniattn`` alone prints the command list.
 """
 
 import importlib
+import os
 import sys
 
 # command -> (module with main(argv), one-line help)
@@ -15,6 +16,7 @@ COMMANDS = {
     "tour": ("miniattn.commands.tour", "run every method on the same input and compare"),
     "train": ("miniattn.commands.train", "train the character language model with any attention method"),
     "sample": ("miniattn.commands.sample", "generate text from a trained language model checkpoint"),
+    "ring": ("miniattn.commands.ring", "run Ring Attention on worker processes and draw the timeline"),
 }
 
 
@@ -37,4 +39,8 @@ def main(argv=None):
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except BrokenPipeError:  # output piped into a program that stopped reading (head, less)
+        sys.stdout = open(os.devnull, "w")
+        return 0
