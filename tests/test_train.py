@@ -349,6 +349,16 @@ def test_train_bidirectional_method_fails(text_file, capsys):
     assert "cannot run the causal language model" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not is_implemented("bigbird"), reason="BigBird is not merged")
+def test_compare_skips_bidirectional_method(text_file, capsys):
+    argv = ["train", *TINY, "--text", str(text_file), "--steps", "1", "--compare", "bigbird,transformer"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bigbird: skipped" in out
+    assert "skipped (cannot run causally)" in out
+    assert "transformer " in out[out.index("validation loss"):]
+
+
 def test_sample_text_outside_vocabulary_fails(tmp_path, text_file, capsys):
     path = tmp_path / "lm.npz"
     assert main(["train", *TINY, "--text", str(text_file), "--steps", "1", "--save", str(path)]) == 0
