@@ -255,7 +255,8 @@ def main(argv):
         }
         for row in sorted(rows, key=lambda row: info(row["name"]).year)
     ]
-    print(f"tour finished in {time.perf_counter() - started:.0f} s, training included; the methods by year:\n")
+    trained = "training included" if history is not None else "with the saved model"
+    print(f"tour finished in {time.perf_counter() - started:.0f} s, {trained}; the methods by year:\n")
     print(format_table(table, list(table[0])))
     if args.plot:
         patterns = plots.keys_seen_patterns({row["name"]: row["pattern"] for row in rows}, args.plot)
