@@ -383,6 +383,8 @@ def test_tour_trains_then_reuses_model(tmp_path, text_file, capsys):
     first = capsys.readouterr().out
     assert "training the tour's language model" in first
     assert "shape (1, 2, 48, 4)" in first
+    assert "on passage" in first
+    assert "(last 32 positions of the passage)" in first
     assert first.strip().splitlines()[-1].startswith("2017")
     assert checkpoint.is_file()
 
@@ -404,6 +406,17 @@ def test_tour_checkpoint_other_configuration_fails(tmp_path, text_file, capsys):
     error = capsys.readouterr().err
     assert "heads: checkpoint 2, requested 4" in error
     assert "--retrain" in error
+
+
+def test_tour_slice_gradcheck_is_small(tmp_path, text_file):
+    from miniattn.commands import tour
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 40, 4)) for _ in range(3))
+    assert tour.slice_gradcheck("transformer", q, k, v, True, 0) < 1e-6
+    if is_implemented("ring_attention"):  # two ring workers need at least two positions
+        one = q[:, :, :1]
+        assert np.isnan(tour.slice_gradcheck("ring_attention", one, one, one, True, 0))
 
 
 def test_tour_unknown_method_fails(capsys):
