@@ -75,9 +75,30 @@ def slice_gradcheck(name, q, k, v, causal, seed):
     return result.max_rel_error
 
 
+KMEANS_STEPS = 10  # online k-means steps that fit routing centroids to the passage
+
+
+def tour_method(name, q, k, v, causal, seed):
+    """Build a method for the tour input; fit whatever the method learns from its inputs.
+
+    The Routing Transformer learns its centroids by online k-means while it
+    trains, and mixes local-window heads with routing heads. Random centroids
+    would route the passage at random, so the tour gives it half its heads as
+    local heads and fits the centroids with KMEANS_STEPS online k-means steps
+    on the passage itself (decay 0.5, so that the steps converge quickly).
+    """
+    if name != "routing_transformer":
+        return make_method(name, rng=np.random.default_rng(seed))
+    method = make_method(name, rng=np.random.default_rng(seed), local_heads=q.shape[1] // 2, decay=0.5)
+    for _ in range(KMEANS_STEPS):
+        _, cache = method.forward(q, k, v, causal=causal)
+        method.update_centroids(cache)
+    return method
+
+
 def run_one(name, q, k, v, causal_preferred, repeat, seed):
     """Run one method on the tour input; return a result row (a dict)."""
-    method = make_method(name, rng=np.random.default_rng(seed))
+    method = tour_method(name, q, k, v, causal_preferred, seed)
     causal = causal_preferred
     try:
         out, cache = method.forward(q, k, v, causal=causal)
