@@ -69,16 +69,17 @@ each and 2 global blocks see N keys, so O(N (7 + R) b D) time and
 O(N (7 + R) b) memory, linear in N for fixed b and R.
 
 Causal attention (``causal=True``). The paper's released code is
-encoder-only. miniattn's autoregressive adaptation, for decoder-only models
-such as the character language model, restricts the same pattern to the
-past: the pattern is intersected with the bottom-right causal mask (query i
-may attend key j when j <= i + M - N, here j <= i since M = N). With ITC:
+encoder-only. The causal variant is miniattn's autoregressive adaptation
+for decoder-only models such as a character language model: it restricts
+the same pattern to the past. The pattern is intersected with the
+bottom-right causal mask (query t may attend key j when j <= t + M - N,
+which is j <= t since M = N). With ITC:
 
-    query block    key blocks, keys j <= i only           keys per query at most
+    query block    key blocks (keys up to the query)      keys per query at most
     0              0 (up to the query itself)             b
     1              0, 1                                   2 b
     2 .. nb - 2    0, i - 1, i, A[i]                      (3 + R) b
-    nb - 1         all (a global row sees all its past)   N
+    nb - 1         all (a global row attends its past)    N
 
 The next window block and the last global block lie in the future of a
 middle block and drop out. The random blocks of query block i are drawn only
@@ -87,9 +88,9 @@ blocks (with ITC, blocks 1 .. i - 2), so no draw is wasted on a key the
 causal mask removes. Early blocks have fewer than R such blocks: they get
 all of them, and the rest of their row of A holds -1 ("no block"). An ETC
 global token attends all of its past, and every later query attends it.
-Every query sees at least itself (its own block), so no row is empty
-unless a mask removes its keys. Short sequences fall back to dense causal
-attention. Cost: O(N (4 + R) b D) time per head.
+Every query attends at least itself (its own block), so no row is empty
+unless a mask removes its keys. Short sequences (the same N <= (5 + 2R) b
+rule) fall back to dense causal attention. Cost: O(N (4 + R) b D) time per head.
 """
 
 import numpy as np
@@ -422,7 +423,7 @@ def bigbird_pattern(
     all_keys = np.arange(n, dtype=np.int64)  # (N,) the row of a global query
 
     def past(keys, row):
-        """The sorted keys a causal query may see: those up to its own position."""
+        """Return the sorted keys up to position row when causal, else all of them."""
         return keys[: np.searchsorted(keys, row, side="right")] if causal else keys
 
     # One key list per query block, shared by its rows; global rows get all keys

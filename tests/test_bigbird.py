@@ -471,7 +471,7 @@ def causal_mask_by_definition(n, block_size, random_blocks, global_blocks, globa
     for i in range(n):
         query_block = i // block_size
         if query_block in global_blocks or i in global_tokens:
-            allowed[i, : i + 1] = True  # a global row sees all of its past
+            allowed[i, : i + 1] = True  # a global row attends all of its past
             continue
         key_blocks = {query_block - 1, query_block} | global_blocks | {j for j in random_blocks[query_block] if j >= 0}
         for j in range(i + 1):
@@ -497,7 +497,7 @@ def test_causal_mask_matches_definition(rng, setting):
     allowed, _ = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True, **options)
     assert allowed.shape == (n_heads, n, n)
     assert not np.any(np.triu(allowed, k=1))  # nothing in the future
-    assert np.all(np.diagonal(allowed, axis1=-2, axis2=-1))  # every query sees itself
+    assert np.all(np.diagonal(allowed, axis1=-2, axis2=-1))  # every query attends itself
     for head in range(n_heads):
         expected = causal_mask_by_definition(n, block_size, random_blocks[head], **options)
         np.testing.assert_array_equal(allowed[head], expected)
@@ -553,8 +553,8 @@ def test_causal_dense_equality_etc_global_tokens(rng, duplicates):
         n, block_size, random_blocks, global_blocks=(), global_tokens=global_tokens, duplicates=duplicates,
         causal=True,
     )
-    np.testing.assert_array_equal(allowed[:, 20, :21], True)  # a global token sees all of its past
-    np.testing.assert_array_equal(allowed[:, 20:, 20], True)  # and every later query sees it
+    np.testing.assert_array_equal(allowed[:, 20, :21], True)  # a global token attends all of its past
+    np.testing.assert_array_equal(allowed[:, 20:, 20], True)  # and every later query attends it
     assert not np.any(allowed[:, :20, 20])
     assert_matches_dense(
         rng, q, k, v, allowed, logit_bias, block_size=block_size, num_random_blocks=n_random,
@@ -595,10 +595,11 @@ def test_causal_later_tokens_change_nothing_earlier(rng, global_tokens):
         dout = np.zeros_like(out)
         dout[..., :t, :] = rng.standard_normal((1, n_heads, t, 3))  # a loss on the outputs before t
         _, dk, dv = method.backward(dout, cache)
-        assert np.all(dk[..., t:, :] == 0) and np.all(dv[..., t:, :] == 0)
+        assert np.all(dk[..., t:, :] == 0)
+        assert np.all(dv[..., t:, :] == 0)
 
 
-def test_causal_adjacency_draws_only_legal_past_blocks(rng):
+def test_causal_adjacency_legal_past_blocks(rng):
     n_blocks, n_random, n_heads = 20, 3, 4
     global_blocks = (0, 6, -1)
     random_blocks = bigbird.random_block_adjacency(
@@ -657,7 +658,8 @@ def test_causal_rows_never_empty_unless_padded(rng, backend):
     out, grads = assert_matches_dense(rng, q, k, v, allowed, None, mask=mask, backend=backend, **options)
     assert np.all(out[1, :, :3] == 0)  # queries 0..2 of batch 1 see only padding keys
     assert np.all(grads[0][1, :, :3] == 0)
-    assert np.all(grads[1][1, :, :3] == 0) and np.all(grads[2][1, :, :3] == 0)
+    assert np.all(grads[1][1, :, :3] == 0)
+    assert np.all(grads[2][1, :, :3] == 0)
     assert np.all(np.abs(out[0]).sum(axis=-1) > 0)
     assert np.all(np.isfinite(out))
 
