@@ -504,6 +504,19 @@ def test_causal_mask_matches_definition(rng, setting):
 
 
 @pytest.mark.parametrize("duplicates", ["merge", "count"])
+def test_causal_mask_is_bidirectional_past(rng, duplicates):
+    n, block_size = 23, 2
+    random_blocks = bigbird.random_block_adjacency(12, 2, 2, rng)  # bidirectional draw: no -1 entries
+    options = dict(global_tokens=(5, 16), duplicates=duplicates)
+    causal, causal_bias = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True, **options)
+    full, full_bias = bigbird.bigbird_mask(n, block_size, random_blocks, **options)
+    past = miniattn.core.masks.causal_mask(n, n)
+    np.testing.assert_array_equal(causal, full & past)
+    if duplicates == "count":
+        np.testing.assert_array_equal(causal_bias, np.where(past, full_bias, 0.0))
+
+
+@pytest.mark.parametrize("duplicates", ["merge", "count"])
 @pytest.mark.parametrize("global_tokens", [None, (3, 10, 21)])
 def test_causal_pattern_matches_mask(rng, duplicates, global_tokens):
     n, block_size = 23, 2
