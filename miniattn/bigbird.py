@@ -64,17 +64,38 @@ N - (nb - 1) b tokens. This is the same as padding to nb b tokens with
 padding keys masked out and padding rows dropped, without allocating the
 padding, so padding cannot reach outputs or gradients.
 
-Causal attention is not supported: the global rows and the random blocks
-look at the whole sequence, and BigBird is used as an encoder. A causal
-call raises ValueError.
-
 Complexity per head: (nb - 2) middle blocks of b queries see (5 + R) b keys
 each and 2 global blocks see N keys, so O(N (7 + R) b D) time and
 O(N (7 + R) b) memory, linear in N for fixed b and R.
+
+Causal attention (``causal=True``). The paper's released code is
+encoder-only. The causal variant is miniattn's autoregressive adaptation
+for decoder-only models such as a character language model: it restricts
+the same pattern to the past. The pattern is intersected with the
+bottom-right causal mask (query t may attend key j when j <= t + M - N,
+which is j <= t since M = N). With ITC:
+
+    query block    key blocks (keys up to the query)      keys per query at most
+    0              0 (up to the query itself)             b
+    1              0, 1                                   2 b
+    2 .. nb - 2    0, i - 1, i, A[i]                      (3 + R) b
+    nb - 1         all (a global row attends its past)    N
+
+The next window block and the last global block lie in the future of a
+middle block and drop out. The random blocks of query block i are drawn only
+from the blocks strictly in its past that are neither window nor global
+blocks (with ITC, blocks 1 .. i - 2), so no draw is wasted on a key the
+causal mask removes. Early blocks have fewer than R such blocks: they get
+all of them, and the rest of their row of A holds -1 ("no block"). An ETC
+global token attends all of its past, and every later query attends it.
+Every query attends at least itself (its own block), so no row is empty
+unless a mask removes its keys. Short sequences (the same N <= (5 + 2R) b
+rule) fall back to dense causal attention. Cost: O(N (4 + R) b D) time per head.
 """
 
 import numpy as np
 
+from .core.masks import causal_mask
 from .core.sparse import sparse_attention_backward, sparse_attention_forward
 from .core.validate import (
     check_attention_inputs,
@@ -166,22 +187,30 @@ def _fixed_blocks(i, n_blocks, global_blocks):
     return np.union1d(window, global_blocks)
 
 
-def random_block_adjacency(n_blocks, num_random_blocks, n_heads, rng, *, global_blocks=ITC_GLOBAL_BLOCKS):
+def random_block_adjacency(
+    n_blocks, num_random_blocks, n_heads, rng, *, global_blocks=ITC_GLOBAL_BLOCKS, causal=False
+):
     """Draw R distinct random key blocks for every non-global query block, per head.
 
     For head h and query block i (heads outer, blocks in increasing order),
     the candidates are the blocks that are neither in i's window
     {i-1, i, i+1} nor global; R of them are drawn without replacement with
-    rng.choice and stored sorted. The same generator state gives the same
-    adjacency. Rows of global blocks attend everything and contain -1.
+    rng.choice and stored sorted. With causal=True the candidates are only
+    the blocks before i - 1 (strictly in the past of block i, outside its
+    window) that are not global; a block with c < R of them gets all c,
+    sorted, followed by R - c entries -1. The same generator state gives
+    the same adjacency. Rows of global blocks attend everything and
+    contain -1.
 
     Inputs:
     - n_blocks: nb; num_random_blocks: R >= 0; n_heads: H >= 1
     - rng: numpy.random.Generator (advanced by the draws)
     - global_blocks: block indices excluded as candidates (negatives count from the end)
+    - causal: draw only past blocks (see the module docstring)
 
     Returns random_blocks, int64 (H, nb, R).
-    Raises ValueError when some query block has fewer than R candidates.
+    Raises ValueError when causal is False and some query block has fewer
+    than R candidates.
 
     NOTE: this is the rule of the reference code's per-head generator for
     general lengths. Its fixed plans for N in {1024, 2048, 3072, 4096} (with
@@ -201,8 +230,15 @@ def random_block_adjacency(n_blocks, num_random_blocks, n_heads, rng, *, global_
     for head in range(n_heads):
         for i in np.flatnonzero(not_global):
             legal = not_global.copy()
-            legal[max(i - 1, 0) : i + 2] = False
+            if causal:
+                legal[max(i - 1, 0) :] = False  # the window and everything after it
+            else:
+                legal[max(i - 1, 0) : i + 2] = False
             candidates = np.flatnonzero(legal)
+            if causal:
+                drawn = rng.choice(candidates, size=min(num_random_blocks, candidates.size), replace=False)
+                random_blocks[head, i, : drawn.size] = np.sort(drawn)  # -1 stays in the unused slots
+                continue
             if candidates.size < num_random_blocks:
                 raise ValueError(
                     f"query block {i} of nb={n_blocks} has only {candidates.size} blocks outside its "
@@ -214,13 +250,15 @@ def random_block_adjacency(n_blocks, num_random_blocks, n_heads, rng, *, global_
     return random_blocks
 
 
-def check_random_blocks(random_blocks, n_blocks, global_blocks, *, n_heads=None):
+def check_random_blocks(random_blocks, n_blocks, global_blocks, *, n_heads=None, causal=False):
     """Check an explicit adjacency (H, nb, R) (or (nb, R) when n_heads is None).
 
-    Entries of non-global rows must be block indices in [0, nb); rows of
-    global blocks are not read. Repeats and window or global blocks are
-    allowed (the reference code's own plans contain them); ``duplicates``
-    decides how they count.
+    Entries of non-global rows must be block indices in [0, nb); with
+    causal=True they may also be -1 (no block). Rows of global blocks are
+    not read. Repeats and window or global blocks are allowed (the
+    reference code's own plans contain them); ``duplicates`` decides how
+    they count. Under causal attention a future block is allowed and
+    contributes no key (the causal mask removes it).
     """
     if not isinstance(random_blocks, np.ndarray) or not np.issubdtype(random_blocks.dtype, np.integer):
         raise TypeError(
@@ -235,10 +273,14 @@ def check_random_blocks(random_blocks, n_blocks, global_blocks, *, n_heads=None)
         raise ValueError(f"random_blocks has shape {random_blocks.shape}; expected {expected} with nb={n_blocks}")
     rows = np.setdiff1d(np.arange(n_blocks), global_blocks)
     used = random_blocks[..., rows, :]
-    if used.size and (used.min() < 0 or used.max() >= n_blocks):
+    lowest = -1 if causal else 0
+    if used.size and (used.min() < lowest or used.max() >= n_blocks):
+        expected = f"indices in [0, {n_blocks}) or -1 (no block, causal only)" if causal else (
+            f"indices in [0, {n_blocks}) (-1 is allowed only with causal=True)"
+        )
         raise ValueError(
             f"random_blocks contains block indices from {used.min()} to {used.max()} in non-global rows; "
-            f"expected indices in [0, {n_blocks})"
+            f"expected {expected}"
         )
 
 
@@ -246,8 +288,10 @@ def block_counts(n_blocks, random_blocks=None, *, global_blocks=ITC_GLOBAL_BLOCK
     """Return how often each query block lists each key block, int64 (..., nb, nb).
 
     Global rows list every block once. Other rows list their window and the
-    global blocks once (a set) and add their random blocks; under "merge"
-    every count is clipped to 1. random_blocks (..., nb, R) or None (R = 0).
+    global blocks once (a set) and add their random blocks (entries -1 add
+    nothing); under "merge" every count is clipped to 1. random_blocks
+    (..., nb, R) or None (R = 0). The causal restriction is applied to
+    tokens, in ``bigbird_mask``.
     This is the block-level dense specification; ``bigbird_mask`` expands it
     to tokens.
     """
@@ -267,7 +311,10 @@ def block_counts(n_blocks, random_blocks=None, *, global_blocks=ITC_GLOBAL_BLOCK
     flat_random = random_blocks.reshape(n_patterns, n_blocks, random_blocks.shape[-1])
     rows = np.setdiff1d(block, global_blocks)
     for counts_head, random_head in zip(flat_counts, flat_random):
-        np.add.at(counts_head, (rows[:, None], random_head[rows]), 1)  # a block drawn twice counts twice
+        drawn = random_head[rows]  # (nb - G, R)
+        query_blocks = np.broadcast_to(rows[:, None], drawn.shape)
+        present = drawn >= 0  # -1 marks "no block"
+        np.add.at(counts_head, (query_blocks[present], drawn[present]), 1)  # a block drawn twice counts twice
     if duplicates == "merge":
         np.minimum(counts, 1, out=counts)
     counts[..., global_blocks, :] = 1
@@ -282,6 +329,7 @@ def bigbird_mask(
     global_blocks=ITC_GLOBAL_BLOCKS,
     global_tokens=None,
     duplicates="merge",
+    causal=False,
 ):
     """Return the dense specification of the pattern: (allowed, logit_bias).
 
@@ -291,6 +339,8 @@ def bigbird_mask(
     - global_blocks: global block indices (ITC: (0, -1)); () for none
     - global_tokens: extra global token positions (ETC), or None
     - duplicates: "merge" or "count" (see the module docstring)
+    - causal: intersect the pattern with the causal mask (key j <= query i);
+      random_blocks may then contain -1 (no block)
 
     Returns:
     - allowed: bool (N, N) or (H, N, N), True where query i attends key j
@@ -306,7 +356,7 @@ def bigbird_mask(
     if random_blocks is not None:
         per_head = getattr(random_blocks, "ndim", 0) == 3
         n_heads = random_blocks.shape[0] if per_head else None
-        check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=n_heads)
+        check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=n_heads, causal=causal)
 
     # 1. Block level: how often query block i lists key block j.
     counts = block_counts(n_blocks, random_blocks, global_blocks=global_block_ids, duplicates=duplicates)
@@ -325,6 +375,10 @@ def bigbird_mask(
     global_rows[tokens] = True
     token_counts[..., global_rows, :] = 1
 
+    # 4. Causal: keep only the keys in each query's past (the whole plan, global rows included).
+    if causal:
+        token_counts *= causal_mask(n, n)
+
     allowed = token_counts > 0
     if duplicates == "merge":
         return allowed, None
@@ -340,13 +394,15 @@ def bigbird_pattern(
     global_blocks=ITC_GLOBAL_BLOCKS,
     global_tokens=None,
     duplicates="merge",
+    causal=False,
 ):
     """Return the CSR pattern (indptr, indices) of one head: the keys each query attends.
 
     Inputs are those of ``bigbird_mask`` with random_blocks (nb, R) for one
     head. Each row lists its keys in increasing order. Under "count" a key
     listed c times appears c times in its row, and the sparse core attends
-    it c times. Under "merge" it appears once.
+    it c times. Under "merge" it appears once. With causal=True each row
+    keeps the keys up to and including its own position.
 
     Returns indptr int64 (N + 1,) and indices int64 (nnz,).
     """
@@ -358,7 +414,7 @@ def bigbird_pattern(
     tokens = normalize_global_tokens(global_tokens, n)
     if random_blocks is None:
         random_blocks = np.zeros((n_blocks, 0), dtype=np.int64)
-    check_random_blocks(random_blocks, n_blocks, global_blocks)
+    check_random_blocks(random_blocks, n_blocks, global_blocks, causal=causal)
 
     starts = np.arange(n_blocks) * block_size  # (nb,) first token of each block
     ends = np.minimum(starts + block_size, n)  # (nb,) one past the last token
@@ -366,19 +422,25 @@ def bigbird_pattern(
     is_global_row[tokens] = True
     all_keys = np.arange(n, dtype=np.int64)  # (N,) the row of a global query
 
-    # One key list per query block, shared by its rows; global rows get all keys.
+    def past(keys, row):
+        """Return the sorted keys up to position row when causal, else all of them."""
+        return keys[: np.searchsorted(keys, row, side="right")] if causal else keys
+
+    # One key list per query block, shared by its rows; global rows get all keys
+    # (all keys up to themselves when causal).
     row_keys = []
     for i in range(n_blocks):
         rows = range(starts[i], ends[i])
         if i in global_blocks:
-            row_keys.extend(all_keys for _ in rows)
+            row_keys.extend(past(all_keys, row) for row in rows)
             continue
-        key_blocks = np.concatenate([_fixed_blocks(i, n_blocks, global_blocks), random_blocks[i]])
+        drawn = random_blocks[i][random_blocks[i] >= 0]  # (<= R,) -1 marks "no block"
+        key_blocks = np.concatenate([_fixed_blocks(i, n_blocks, global_blocks), drawn])
         key_blocks = np.unique(key_blocks) if duplicates == "merge" else np.sort(key_blocks)
         keys = np.concatenate([np.arange(starts[j], ends[j]) for j in key_blocks] + [tokens])
         keys = np.unique(keys) if duplicates == "merge" else np.sort(keys)  # CSR rows are sorted
         keys = keys.astype(np.int64)
-        row_keys.extend(all_keys if is_global_row[row] else keys for row in rows)
+        row_keys.extend(past(all_keys if is_global_row[row] else keys, row) for row in rows)
 
     lengths = np.fromiter((keys.size for keys in row_keys), dtype=np.int64, count=n)  # (N,)
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -429,15 +491,16 @@ def attention_forward(
     - global_blocks, global_tokens, duplicates: see ``bigbird_mask``
     - mask: optional bool mask broadcastable to (..., H, N, N), e.g. a key
       padding mask; a query whose pattern keeps no key gets a zero row
-    - causal: must be False (BigBird is bidirectional)
+    - causal: restrict the pattern to each query's past (see the module
+      docstring); random_blocks may then contain -1 (no block)
     - scale: score scale, 1/sqrt(D) by default; backend: sparse kernel backend
     - patterns: optional list of the H CSR patterns that ``bigbird_pattern``
       makes for these random blocks and options. The method object passes
       its kept patterns to skip rebuilding them. They are not checked
       against random_blocks.
 
-    When N <= (5 + 2R) b this call computes full dense attention instead
-    (random_blocks and rng are then not used).
+    When N <= (5 + 2R) b this call computes full dense attention instead,
+    causal when causal=True (random_blocks and rng are then not used).
 
     Returns (out, cache): out (..., H, N, Dv); the cache contains the path
     ("block_sparse" or "full"), the adjacency, the pattern of every head and,
@@ -456,11 +519,6 @@ def attention_forward(
     check_int("block_size", block_size, minimum=1)
     check_int("num_random_blocks", num_random_blocks, minimum=0)
     check_choice("duplicates", duplicates, DUPLICATE_RULES)
-    if causal:
-        raise ValueError(
-            "causal=True is not supported: BigBird's global and random blocks look at the whole "
-            "sequence (it is an encoder attention); use dense or Longformer attention for causal models"
-        )
     scores_shape = q.shape[:-1] + (n,)
     if mask is not None:
         check_mask(mask, scores_shape)
@@ -469,7 +527,7 @@ def attention_forward(
 
     # 0. Short sequences: full attention for this call only.
     if n <= fallback_length(block_size, num_random_blocks):
-        out, dense_cache = dense_attention_forward(q, k, v, mask=mask, scale=scale)
+        out, dense_cache = dense_attention_forward(q, k, v, mask=mask, causal=causal, scale=scale)
         return out, {"path": "full", "dense_cache": dense_cache, "random_blocks": None}
 
     n_blocks = n_blocks_for(n, block_size)
@@ -478,9 +536,9 @@ def attention_forward(
         if rng is None:
             raise ValueError("random_blocks is None, so rng (a numpy.random.Generator) is needed to draw them")
         random_blocks = random_block_adjacency(
-            n_blocks, num_random_blocks, n_heads, rng, global_blocks=global_block_ids
+            n_blocks, num_random_blocks, n_heads, rng, global_blocks=global_block_ids, causal=causal
         )
-    check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=n_heads)
+    check_random_blocks(random_blocks, n_blocks, global_block_ids, n_heads=n_heads, causal=causal)
     if random_blocks.shape[-1] != num_random_blocks:
         raise ValueError(
             f"random_blocks has R={random_blocks.shape[-1]} blocks per row but "
@@ -492,7 +550,7 @@ def attention_forward(
         patterns = [
             bigbird_pattern(
                 n, block_size, random_blocks[head], global_blocks=global_block_ids,
-                global_tokens=global_tokens, duplicates=duplicates,
+                global_tokens=global_tokens, duplicates=duplicates, causal=causal,
             )
             for head in range(n_heads)
         ]
@@ -565,7 +623,8 @@ class BigBirdAttention:
     The random adjacency of each (H, nb) is drawn from the kept generator on
     first use and reused by every later call of that shape, so the random
     blocks are fixed per layer, as in the reference implementations. The CSR
-    patterns of each (H, N) are built once and kept as well.
+    patterns of each (H, N) are built once and kept as well. Causal calls
+    draw and keep their own adjacency (past blocks only) and patterns.
     """
 
     name = "bigbird"
@@ -596,38 +655,41 @@ class BigBirdAttention:
         self.duplicates = duplicates
         self.scale = scale
         self.backend = backend
-        self.adjacency = {}  # (H, nb) -> random_blocks (H, nb, R)
-        self.patterns = {}  # (H, N) -> list of H (indptr, indices) pairs
+        self.adjacency = {}  # (H, nb, causal) -> random_blocks (H, nb, R)
+        self.patterns = {}  # (H, N, causal) -> list of H (indptr, indices) pairs
 
-    def random_blocks_for(self, n_heads, n):
+    def random_blocks_for(self, n_heads, n, causal=False):
         """Return the kept adjacency for H heads and length N, drawing it on first use."""
         n_blocks = n_blocks_for(n, self.block_size)
-        if (n_heads, n_blocks) not in self.adjacency:
-            self.adjacency[n_heads, n_blocks] = random_block_adjacency(
-                n_blocks, self.num_random_blocks, n_heads, self.rng, global_blocks=self.global_blocks
+        key = (n_heads, n_blocks, bool(causal))
+        if key not in self.adjacency:
+            self.adjacency[key] = random_block_adjacency(
+                n_blocks, self.num_random_blocks, n_heads, self.rng, global_blocks=self.global_blocks,
+                causal=causal,
             )
-        return self.adjacency[n_heads, n_blocks]
+        return self.adjacency[key]
 
-    def patterns_for(self, n_heads, n):
+    def patterns_for(self, n_heads, n, causal=False):
         """Return the kept CSR patterns of the H heads for length N, building them on first use."""
-        if (n_heads, n) not in self.patterns:
-            random_blocks = self.random_blocks_for(n_heads, n)
-            self.patterns[n_heads, n] = [
+        key = (n_heads, n, bool(causal))
+        if key not in self.patterns:
+            random_blocks = self.random_blocks_for(n_heads, n, causal)
+            self.patterns[key] = [
                 bigbird_pattern(
                     n, self.block_size, random_blocks[head], global_blocks=self.global_blocks,
-                    global_tokens=self.global_tokens, duplicates=self.duplicates,
+                    global_tokens=self.global_tokens, duplicates=self.duplicates, causal=causal,
                 )
                 for head in range(n_heads)
             ]
-        return self.patterns[n_heads, n]
+        return self.patterns[key]
 
     def forward(self, q, k, v, *, mask=None, causal=False):
         n = q.shape[-2]
         random_blocks = patterns = None
         block_plan = n > fallback_length(self.block_size, self.num_random_blocks)
-        if block_plan and not causal and q.ndim >= 3 and k.shape[-2] == n:
-            random_blocks = self.random_blocks_for(q.shape[-3], n)
-            patterns = self.patterns_for(q.shape[-3], n)
+        if block_plan and q.ndim >= 3 and k.shape[-2] == n:
+            random_blocks = self.random_blocks_for(q.shape[-3], n, causal)
+            patterns = self.patterns_for(q.shape[-3], n, causal)
         return attention_forward(
             q, k, v, block_size=self.block_size, num_random_blocks=self.num_random_blocks,
             random_blocks=random_blocks, global_blocks=self.global_blocks,
@@ -639,7 +701,12 @@ class BigBirdAttention:
         return attention_backward(dout, cache)
 
     def keys_seen(self, cache):
-        """Return the bool (..., H, N, N) keys each query attended, or None for full attention."""
+        """Return the bool (..., H, N, N) keys each query attended, or None for full attention.
+
+        On the full-attention path this is the dense mask actually used (the
+        causal mask combined with any given mask), or None when every key was
+        allowed.
+        """
         if cache["path"] == "full":
             return cache["dense_cache"][7]
         shape = cache["q_shape"]
@@ -669,22 +736,25 @@ def gradcheck_cases(rng):
     """
     cases = []
     settings = (
-        ("ITC, N=19 not a multiple of b=2, R=1", 19, 2, 1, None, "merge", False),
-        ("ETC global tokens 4 and 11, count", 17, 2, 1, (4, 11), "count", False),
-        ("all-zero adjacency, count (key block 0 twice)", 16, 2, 1, None, "count", True),
+        ("ITC, N=19 not a multiple of b=2, R=1", 19, 2, 1, None, "merge", False, False),
+        ("ETC global tokens 4 and 11, count", 17, 2, 1, (4, 11), "count", False, False),
+        ("all-zero adjacency, count (key block 0 twice)", 16, 2, 1, None, "count", True, False),
+        ("causal ITC, N=19, b=2, R=2 (early blocks draw fewer)", 19, 2, 2, None, "merge", False, True),
+        ("causal ETC global tokens 4 and 11, count", 17, 2, 1, (4, 11), "count", False, True),
+        ("causal all-zero adjacency, count (key block 0 twice)", 16, 2, 1, None, "count", True, True),
     )
-    for label, n, block_size, n_random, tokens, duplicates, zero_adjacency in settings:
+    for label, n, block_size, n_random, tokens, duplicates, zero_adjacency, causal in settings:
         n_blocks = n_blocks_for(n, block_size)
-        random_blocks = random_block_adjacency(n_blocks, n_random, 2, rng)  # (H, nb, R)
+        random_blocks = random_block_adjacency(n_blocks, n_random, 2, rng, causal=causal)  # (H, nb, R)
         if zero_adjacency:
             random_blocks[:, 1:-1] = 0
         q, k, v = (rng.standard_normal((1, 2, n, 3)) for _ in range(3))  # (B, H, N, D)
 
         def forward(q, k, v, random_blocks=random_blocks, block_size=block_size, n_random=n_random,
-                    tokens=tokens, duplicates=duplicates):
+                    tokens=tokens, duplicates=duplicates, causal=causal):
             return attention_forward(
                 q, k, v, block_size=block_size, num_random_blocks=n_random, random_blocks=random_blocks,
-                global_tokens=tokens, duplicates=duplicates,
+                global_tokens=tokens, duplicates=duplicates, causal=causal,
             )
 
         cases.append((label, forward, attention_backward, (q, k, v), ("q", "k", "v")))

@@ -459,13 +459,252 @@ def test_multihead_attention_layer(rng):
         np.testing.assert_allclose(dparams[name], dparams_dense[name], rtol=0, atol=1e-11, err_msg=name)
 
 
+# --- causal attention -----------------------------------------------------------------
+
+
+def causal_mask_by_definition(n, block_size, random_blocks, global_blocks, global_tokens):
+    """The causal BigBird mask of one head, written out query by query (independent of bigbird_mask)."""
+    n_blocks = bigbird.n_blocks_for(n, block_size)
+    global_blocks = {block % n_blocks for block in global_blocks}
+    global_tokens = set(global_tokens or ())
+    allowed = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        query_block = i // block_size
+        if query_block in global_blocks or i in global_tokens:
+            allowed[i, : i + 1] = True  # a global row attends all of its past
+            continue
+        key_blocks = {query_block - 1, query_block} | global_blocks | {j for j in random_blocks[query_block] if j >= 0}
+        for j in range(i + 1):
+            allowed[i, j] = j // block_size in key_blocks or j in global_tokens
+    return allowed
+
+
+GLOBAL_SETTINGS = {
+    "itc": dict(global_blocks=(0, -1), global_tokens=None),
+    "etc": dict(global_blocks=(), global_tokens=(0, 7, 8, 20)),
+    "both": dict(global_blocks=(0, -1), global_tokens=(10, 14)),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(GLOBAL_SETTINGS))
+def test_causal_mask_matches_definition(rng, setting):
+    n, block_size, n_random, n_heads = 27, 3, 2, 3
+    options = GLOBAL_SETTINGS[setting]
+    n_blocks = bigbird.n_blocks_for(n, block_size)
+    random_blocks = bigbird.random_block_adjacency(
+        n_blocks, n_random, n_heads, rng, global_blocks=options["global_blocks"], causal=True
+    )
+    allowed, _ = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True, **options)
+    assert allowed.shape == (n_heads, n, n)
+    assert not np.any(np.triu(allowed, k=1))  # nothing in the future
+    assert np.all(np.diagonal(allowed, axis1=-2, axis2=-1))  # every query attends itself
+    for head in range(n_heads):
+        expected = causal_mask_by_definition(n, block_size, random_blocks[head], **options)
+        np.testing.assert_array_equal(allowed[head], expected)
+
+
+@pytest.mark.parametrize("duplicates", ["merge", "count"])
+def test_causal_mask_is_bidirectional_past(rng, duplicates):
+    n, block_size = 23, 2
+    random_blocks = bigbird.random_block_adjacency(12, 2, 2, rng)  # bidirectional draw: no -1 entries
+    options = dict(global_tokens=(5, 16), duplicates=duplicates)
+    causal, causal_bias = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True, **options)
+    full, full_bias = bigbird.bigbird_mask(n, block_size, random_blocks, **options)
+    past = miniattn.core.masks.causal_mask(n, n)
+    np.testing.assert_array_equal(causal, full & past)
+    if duplicates == "count":
+        np.testing.assert_array_equal(causal_bias, np.where(past, full_bias, 0.0))
+
+
+@pytest.mark.parametrize("duplicates", ["merge", "count"])
+@pytest.mark.parametrize("global_tokens", [None, (3, 10, 21)])
+def test_causal_pattern_matches_mask(rng, duplicates, global_tokens):
+    n, block_size = 23, 2
+    n_blocks = bigbird.n_blocks_for(n, block_size)
+    random_blocks = bigbird.random_block_adjacency(n_blocks, 2, 3, rng, causal=True)
+    random_blocks[1, 4] = [0, 3]  # the global block and the previous window block drawn again
+    allowed, logit_bias = bigbird.bigbird_mask(
+        n, block_size, random_blocks, global_tokens=global_tokens, duplicates=duplicates, causal=True
+    )
+    for head in range(3):
+        indptr, indices = bigbird.bigbird_pattern(
+            n, block_size, random_blocks[head], global_tokens=global_tokens, duplicates=duplicates, causal=True
+        )
+        counts = pattern_counts(indptr, indices, n)
+        np.testing.assert_array_equal(counts > 0, allowed[head])
+        if duplicates == "count":
+            np.testing.assert_allclose(logit_bias[head], np.log(np.maximum(counts, 1)), rtol=0, atol=0)
+    if duplicates == "count":
+        assert logit_bias[1, 8, 6] == pytest.approx(np.log(2))  # query 8 (block 4), key 6 (block 3) twice
+
+
+@pytest.mark.parametrize("duplicates", ["merge", "count"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [24, 23, 21])
+def test_causal_dense_equality(rng, backend, n, duplicates):
+    block_size, n_random, n_heads = 2, 2, 2
+    n_blocks = bigbird.n_blocks_for(n, block_size)
+    random_blocks = bigbird.random_block_adjacency(n_blocks, n_random, n_heads, rng, causal=True)
+    if duplicates == "count":
+        random_blocks[0, 1:-1] = 0  # head 0: every middle row draws the global block 0 twice
+    q, k, v = random_qkv(rng, (2, n_heads, n, 3))
+    allowed, logit_bias = bigbird.bigbird_mask(n, block_size, random_blocks, duplicates=duplicates, causal=True)
+    assert_matches_dense(
+        rng, q, k, v, allowed, logit_bias, backend=backend, block_size=block_size, num_random_blocks=n_random,
+        random_blocks=random_blocks, duplicates=duplicates, causal=True,
+    )
+
+
+@pytest.mark.parametrize("duplicates", ["merge", "count"])
+def test_causal_dense_equality_etc_global_tokens(rng, duplicates):
+    n, block_size, n_random = 27, 3, 1
+    global_tokens = (0, 7, 8, 20)
+    n_blocks = bigbird.n_blocks_for(n, block_size)
+    random_blocks = bigbird.random_block_adjacency(n_blocks, n_random, 2, rng, global_blocks=(), causal=True)
+    q, k, v = random_qkv(rng, (2, 2, n, 3))
+    allowed, logit_bias = bigbird.bigbird_mask(
+        n, block_size, random_blocks, global_blocks=(), global_tokens=global_tokens, duplicates=duplicates,
+        causal=True,
+    )
+    np.testing.assert_array_equal(allowed[:, 20, :21], True)  # a global token attends all of its past
+    np.testing.assert_array_equal(allowed[:, 20:, 20], True)  # and every later query attends it
+    assert not np.any(allowed[:, :20, 20])
+    assert_matches_dense(
+        rng, q, k, v, allowed, logit_bias, block_size=block_size, num_random_blocks=n_random,
+        random_blocks=random_blocks, global_blocks=(), global_tokens=global_tokens, duplicates=duplicates,
+        causal=True,
+    )
+
+
+@pytest.mark.parametrize("n", [5, 14])
+def test_causal_fallback_equals_dense_causal(rng, n):
+    method = make_method("bigbird", rng=rng, block_size=2, num_random_blocks=1)  # fallback for N <= 14
+    q, k, v = random_qkv(rng, (2, 2, n, 3))
+    out, cache = method.forward(q, k, v, causal=True)
+    expected, dense_cache = attention_forward(q, k, v, causal=True)
+    assert cache["path"] == "full"
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(method.keys_seen(cache), miniattn.core.masks.causal_mask(n, n))
+    dout = rng.standard_normal(out.shape)
+    for grad, expected_grad in zip(method.backward(dout, cache), attention_backward(dout, dense_cache)):
+        np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("global_tokens", [None, (4, 15)])
+def test_causal_later_tokens_change_nothing_earlier(rng, global_tokens):
+    n, n_heads = 30, 2
+    method = make_method("bigbird", rng=rng, block_size=2, num_random_blocks=2, global_tokens=global_tokens)
+    q, k, v = random_qkv(rng, (1, n_heads, n, 3))
+    out, cache = method.forward(q, k, v, causal=True)
+    assert cache["path"] == "block_sparse"
+    for t in (3, 16, 29):
+        changed = [x.copy() for x in (q, k, v)]
+        for x in changed:
+            x[..., t, :] += rng.standard_normal(3)
+        out_changed, _ = method.forward(*changed, causal=True)
+        np.testing.assert_array_equal(out_changed[..., :t, :], out[..., :t, :])
+        assert np.max(np.abs(out_changed[..., t, :] - out[..., t, :])) > 1e-6
+
+        dout = np.zeros_like(out)
+        dout[..., :t, :] = rng.standard_normal((1, n_heads, t, 3))  # a loss on the outputs before t
+        _, dk, dv = method.backward(dout, cache)
+        assert np.all(dk[..., t:, :] == 0)
+        assert np.all(dv[..., t:, :] == 0)
+
+
+def test_causal_adjacency_legal_past_blocks(rng):
+    n_blocks, n_random, n_heads = 20, 3, 4
+    global_blocks = (0, 6, -1)
+    random_blocks = bigbird.random_block_adjacency(
+        n_blocks, n_random, n_heads, rng, global_blocks=global_blocks, causal=True
+    )
+    assert random_blocks.shape == (n_heads, n_blocks, n_random)
+    assert np.all(random_blocks[:, [0, 6, n_blocks - 1]] == -1)
+    for head in range(n_heads):
+        for i in set(range(n_blocks)) - {0, 6, n_blocks - 1}:
+            row = random_blocks[head, i]
+            drawn = row[row >= 0]
+            legal = [j for j in range(1, i - 1) if j != 6]  # strictly past, outside the window, not global
+            assert drawn.size == min(n_random, len(legal)), f"head {head} block {i}: {row}"
+            assert np.all(row[drawn.size :] == -1)  # unused slots come last
+            assert set(drawn) <= set(legal)
+            assert np.all(np.diff(drawn) > 0)  # distinct and sorted
+    again = bigbird.random_block_adjacency(
+        n_blocks, n_random, n_heads, np.random.default_rng(7), global_blocks=global_blocks, causal=True
+    )
+    same = bigbird.random_block_adjacency(
+        n_blocks, n_random, n_heads, np.random.default_rng(7), global_blocks=global_blocks, causal=True
+    )
+    np.testing.assert_array_equal(again, same)
+    other = bigbird.random_block_adjacency(
+        n_blocks, n_random, n_heads, np.random.default_rng(8), global_blocks=global_blocks, causal=True
+    )
+    assert not np.array_equal(again, other)
+
+
+def test_causal_fewer_past_blocks_than_r(rng):
+    n, block_size, n_random = 24, 3, 3  # nb = 8; block i has i - 2 legal past blocks
+    random_blocks = bigbird.random_block_adjacency(8, n_random, 1, rng, causal=True)[0]  # (nb, R)
+    np.testing.assert_array_equal(random_blocks[1], [-1, -1, -1])
+    np.testing.assert_array_equal(random_blocks[2], [-1, -1, -1])
+    np.testing.assert_array_equal(random_blocks[3], [1, -1, -1])
+    np.testing.assert_array_equal(random_blocks[4], [1, 2, -1])
+    assert np.all(random_blocks[5:7] >= 0)  # three or more legal blocks: all R slots used
+    allowed, _ = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True)
+    last_of_block_3 = 3 * block_size + 2
+    np.testing.assert_array_equal(allowed[last_of_block_3], np.arange(n) <= last_of_block_3)  # blocks 0..3
+    assert allowed[2 * block_size].sum() == 2 * block_size + 1  # block 2: blocks 0, 1 and itself, no random block
+    first_of_block_6 = 6 * block_size  # block 6 draws 3 of its 4 legal blocks 1..4
+    assert allowed[first_of_block_6].sum() == (2 + n_random) * block_size + 1  # blocks 0, 5, 3 random, itself
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_rows_never_empty_unless_padded(rng, backend):
+    n, block_size, n_random = 20, 2, 1
+    random_blocks = bigbird.random_block_adjacency(10, n_random, 2, rng, causal=True)
+    q, k, v = random_qkv(rng, (2, 2, n, 3))
+    options = dict(block_size=block_size, num_random_blocks=n_random, random_blocks=random_blocks, causal=True)
+    allowed, _ = bigbird.bigbird_mask(n, block_size, random_blocks, causal=True)
+    assert np.all(allowed.any(axis=-1))
+    mask = np.ones((2, 1, 1, n), dtype=bool)
+    mask[1, ..., :3] = False  # batch 1: the first three keys are left padding
+    out, grads = assert_matches_dense(rng, q, k, v, allowed, None, mask=mask, backend=backend, **options)
+    assert np.all(out[1, :, :3] == 0)  # queries 0..2 of batch 1 see only padding keys
+    assert np.all(grads[0][1, :, :3] == 0)
+    assert np.all(grads[1][1, :, :3] == 0)
+    assert np.all(grads[2][1, :, :3] == 0)
+    assert np.all(np.abs(out[0]).sum(axis=-1) > 0)
+    assert np.all(np.isfinite(out))
+
+
+def test_causal_method_keeps_its_own_adjacency(rng):
+    method = make_method("bigbird", rng=rng, block_size=2, num_random_blocks=2)
+    q, k, v = random_qkv(rng, (2, 3, 26, 3))
+    out, cache = method.forward(q, k, v, causal=True)
+    _, cache_bidirectional = method.forward(q, k, v)
+    again, cache_again = method.forward(q, k, v, causal=True)
+    assert cache_again["random_blocks"] is cache["random_blocks"]
+    assert cache_bidirectional["random_blocks"] is not cache["random_blocks"]
+    assert np.any(cache["random_blocks"] == -1)
+    np.testing.assert_array_equal(out, again)
+    seen = method.keys_seen(cache)
+    allowed, _ = bigbird.bigbird_mask(26, 2, cache["random_blocks"], causal=True)
+    np.testing.assert_array_equal(seen, np.broadcast_to(allowed, seen.shape))
+    expected, dense_cache = attention_forward(q, k, v, mask=seen)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=EXACT)
+    dout = rng.standard_normal(out.shape)
+    for grad, expected_grad in zip(method.backward(dout, cache), attention_backward(dout, dense_cache)):
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=EXACT)
+
+
 # --- gradient checks ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradcheck_cases(seed):
     cases = bigbird.gradcheck_cases(np.random.default_rng(seed))
-    assert len(cases) == 3
+    assert len(cases) == 6
+    assert sum("causal" in case[0] for case in cases) == 3
     for label, forward, backward, inputs, names in cases:
         _, cache = forward(*inputs)
         assert cache["path"] == "block_sparse", label
@@ -473,16 +712,18 @@ def test_gradcheck_cases(seed):
         assert result.max_rel_error <= GRAD_TOL, f"{label}\n{result}"
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_with_mask(rng, backend):
+def test_gradcheck_with_mask(rng, backend, causal):
     n = 18
-    random_blocks = bigbird.random_block_adjacency(9, 1, 2, rng)
+    random_blocks = bigbird.random_block_adjacency(9, 1, 2, rng, causal=causal)
     mask = rng.random((1, 2, n, n)) < 0.7
     mask[0, 0, 4] = False  # one empty row
 
     def forward(q, k, v):
         return bigbird.attention_forward(
-            q, k, v, block_size=2, num_random_blocks=1, random_blocks=random_blocks, mask=mask, backend=backend
+            q, k, v, block_size=2, num_random_blocks=1, random_blocks=random_blocks, mask=mask, backend=backend,
+            causal=causal,
         )
 
     inputs = random_qkv(rng, (1, 2, n, 3))
@@ -583,12 +824,25 @@ def test_random_blocks_invalid(rng):
         bigbird.bigbird_mask(20, 2, [[0]] * 10)
 
 
-def test_causal_rejected(rng):
-    q, k, v = random_qkv(rng, (1, 1, 20, 2))
-    with pytest.raises(ValueError, match="causal=True is not supported"):
+def test_minus_one_needs_causal(rng):
+    q, k, v = random_qkv(rng, (1, 2, 20, 2))
+    random_blocks = bigbird.random_block_adjacency(10, 1, 2, rng, causal=True)
+    assert np.all(random_blocks[:, 1:3] == -1)  # blocks 1 and 2 have no legal past block
+    options = dict(block_size=2, num_random_blocks=1, random_blocks=random_blocks)
+    with pytest.raises(ValueError, match="-1 is allowed only with causal=True"):
+        bigbird.attention_forward(q, k, v, **options)
+    bigbird.attention_forward(q, k, v, causal=True, **options)
+    bad = random_blocks.copy()
+    bad[0, 5, 0] = -2
+    with pytest.raises(ValueError, match="or -1 \\(no block, causal only\\)"):
+        bigbird.attention_forward(q, k, v, causal=True, **dict(options, random_blocks=bad))
+
+
+def test_causal_key_length_mismatch(rng):
+    q = rng.standard_normal((1, 1, 20, 2))
+    k = v = rng.standard_normal((1, 1, 24, 2))
+    with pytest.raises(ValueError, match="N=20 queries and M=24 keys"):
         bigbird.attention_forward(q, k, v, block_size=2, num_random_blocks=1, rng=rng, causal=True)
-    with pytest.raises(ValueError, match="causal=True is not supported"):
-        make_method("bigbird", rng=rng).forward(q, k, v, causal=True)
 
 
 def test_key_length_mismatch(rng):
