@@ -71,7 +71,7 @@ METHODS = (
     ),
     MethodInfo(
         "bigbird", 2020, "Zaheer et al., Big Bird: Transformers for Longer Sequences",
-        "block-sparse window + global + random blocks",
+        "block-sparse window + global + random blocks, bidirectional and causal",
         "miniattn.bigbird", "O(N (W + G + R) D)", "O(N (W + G + R))", "R random blocks",
     ),
     MethodInfo(
