@@ -26,11 +26,14 @@ sin/cos features can. The stabiliser c keeps exp from overflowing: one
 constant per query row (it cancels in that row's normalisation) and ONE
 constant shared by every key of a (batch, head) slice (it cancels in every
 row). A separate constant per key would change the attention weights. With
-eps > 0 the cancellation is no longer exact: phi is exp(u - c) + eps, and the
-eps part does not scale with exp(-c), so the output depends on c by a relative
-amount of about eps times the spread of the features. When the norms of q and
-k are large, most features fall far below eps and that amount is not small.
-The backward therefore differentiates c as the maximum it is,
+eps > 0, phi = F^-1/2 exp(-c) (exp(u) + eps exp(c)): the eps term does not
+carry the factor exp(-c), so c no longer cancels. Next to exp(u - c) the eps
+term is small for features near the maximum and dominant for features far
+below it. When the norms of q and k are large, most features fall far below
+eps, and the output depends on c noticeably. In causal attention the key c is
+taken over every key, so a later key can then change an earlier output
+slightly through c, and the gradient includes that path. The backward
+therefore differentiates c as the maximum it is,
 
     c = max_{(l, j) in set} u_j(x_l),   dc = -sum_{(l, j) in set} dphi_lj F^-1/2 exp(u_lj - c)
 
@@ -208,12 +211,14 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
 def compute_stabiliser(exponents, mode, valid):
     """Return (c, argmax) for exponents (..., L, F): c per row, shared, or given.
 
-    c is the maximum over its set: one row ("row", c (..., L, 1); padded rows
-    keep their own maximum, so exp cannot overflow before they are zeroed) or
-    every valid entry of the slice ("shared", c (..., 1, 1)). argmax has the shape
-    of c and holds the index of the first maximum within the set: a feature
-    index for "row", a flat index l * F + j into the slice for "shared". A
-    given c is returned as it is, with argmax None.
+    c is the maximum over its set: one row for "row" (c (..., L, 1)), every
+    valid entry of the slice for "shared" (c (..., 1, 1)). In "row" mode a
+    padded row keeps its own maximum, so exp cannot overflow before the row
+    is zeroed.
+
+    argmax has the shape of c and contains the index of the first maximum
+    within the set: a feature index for "row", a flat index l * F + j into the
+    slice for "shared". A given c is returned as it is, with argmax None.
     """
     if isinstance(mode, str):
         check_choice("stabiliser", mode, STABILISER_MODES)
@@ -248,10 +253,11 @@ def softmax_kernel_features_backward(dphi, cache):
         du = dphi * phi^,   dc = -sum over c's set of dphi * phi^,
         du[argmax] += dc,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
     c = max of its set of exponents, so dc reaches the maximising entry only
-    (the first one at a tie). With eps = 0 the output of the attention does not
-    depend on c and the dc terms cancel there; with eps > 0 it does, and
-    leaving dc out would give the gradient of a different function. A
-    stabiliser passed in explicitly (argmax None) is a constant: no dc.
+    (the first one at a tie). With eps = 0 the attention output does not depend
+    on c, so dc, the derivative of the loss by c, is zero up to round-off.
+    With eps > 0 the output depends on c, and leaving dc out would give the
+    gradient of a different function. A stabiliser passed in explicitly
+    (argmax None) is a constant, so no dc is added.
     Returns dx (..., L, D).
     """
     x_scaled, features, phi = cache["x_scaled"], cache["features"], cache["phi"]
@@ -592,7 +598,8 @@ def favor_attention_forward(
     - kernel: "softmax" (positive random features) or "relu" (generalized kernel)
     - eps: constant added to every feature; 1e-6 for softmax, 1e-3 for relu by default
     - stabilisers: optional (query c (..., N, 1), key c (..., 1, 1)) to use
-      instead of computing them, e.g. cache["stabilisers"] of an earlier call
+      instead of computing them, e.g. cache["stabilisers"] of an earlier call.
+      Given stabilisers are constants, so no gradient flows through them.
     - chunk_size: C, positions per chunk of the causal scan
 
     Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the

@@ -207,12 +207,12 @@ def test_favor_attention_gradcheck(seed, n_queries, n_keys, causal, eps):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("eps", [1e-6, 1e-3])
 @pytest.mark.parametrize("padded", [False, True])
-def test_favor_attention_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded):
+def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded):
     # |q|, |k| about 12 in width 16: most features fall far below eps, so the
     # output depends on the stabilisers c, and the backward must differentiate them.
-    # One head keeps every input under 256 entries, so each entry is checked on
-    # its own: random directions over all entries at once take a step so long
-    # that the curvature of exp at these norms shows in the central difference.
+    # One head keeps every input under 256 entries, so gradcheck steps each entry
+    # on its own. A random direction over all entries at once takes a longer step,
+    # and at these norms the curvature of exp then shows in the central difference.
     rng = np.random.default_rng(seed)
     q = 3.0 * rng.standard_normal((2, 1, 6, 16))  # (B, H, N, D)
     k = 3.0 * rng.standard_normal((2, 1, 8, 16))  # (B, H, M, D)
@@ -230,7 +230,7 @@ def test_favor_attention_gradcheck_large_norms_moves_stabilisers(seed, causal, e
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_favor_attention_gradcheck_with_frozen_stabilisers(rng, causal):
+def test_gradcheck_frozen_stabilisers(rng, causal):
     q = 3.0 * rng.standard_normal((2, 1, 6, 16))  # (B, H, N, D)
     k = 3.0 * rng.standard_normal((2, 1, 8, 16))  # (B, H, M, D)
     v = rng.standard_normal((2, 1, 8, 3))  # (B, H, M, Dv)
@@ -244,7 +244,8 @@ def test_favor_attention_gradcheck_with_frozen_stabilisers(rng, causal):
     result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
     result.assert_ok(1e-6)
     _, cache = forward(q, k, v)
-    assert cache["query"]["argmax"] is None and cache["key"]["argmax"] is None
+    assert cache["query"]["argmax"] is None
+    assert cache["key"]["argmax"] is None
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -276,7 +277,7 @@ def test_softmax_features_gradcheck_with_frozen_stabiliser(rng, stabiliser):
 
 @pytest.mark.parametrize("stabiliser", ["row", "shared"])
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_softmax_features_gradcheck_with_computed_stabiliser(rng, stabiliser, eps):
+def test_features_gradcheck_computed_stabiliser(rng, stabiliser, eps):
     # phi itself depends on c for any eps: c is differentiated as the max it is.
     x = 2.0 * rng.standard_normal((2, 6, 4))
     features = draw_features(7, 4, rng)
@@ -289,7 +290,7 @@ def test_softmax_features_gradcheck_with_computed_stabiliser(rng, stabiliser, ep
     result.assert_ok(1e-6)
 
 
-def test_stabiliser_argmax_is_the_maximum_over_valid_entries(rng):
+def test_stabiliser_argmax_over_valid_entries(rng):
     x = rng.standard_normal((2, 6, 4))
     features = draw_features(7, 4, rng)
     valid = np.array([[True] * 6, [True] * 4 + [False] * 2])
@@ -517,7 +518,7 @@ def test_method_gradcheck_through_object(rng):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_method_gradcheck_on_large_norm_inputs(rng, causal):
+def test_method_gradcheck_large_norms(rng, causal):
     # As the tour checks it: the default object, one head, 32 positions,
     # width 16, |q| and |k| about 12, so the stabilisers matter.
     method = make_registered_method("performer", rng=np.random.default_rng(3))
