@@ -26,9 +26,23 @@ sin/cos features can. The stabiliser c keeps exp from overflowing: one
 constant per query row (it cancels in that row's normalisation) and ONE
 constant shared by every key of a (batch, head) slice (it cancels in every
 row). A separate constant per key would change the attention weights. With
-eps > 0 the cancellation is no longer exact, by a relative amount of about
-eps. The backward treats c as a constant, and gradient checks with eps > 0
-pass the stabilisers of the unperturbed input explicitly.
+eps > 0, phi = F^-1/2 exp(-c) (exp(u) + eps exp(c)): the eps term does not
+carry the factor exp(-c), so c no longer cancels. Next to exp(u - c) the eps
+term is small for features near the maximum and dominant for features far
+below it. When the norms of q and k are large, most features fall far below
+eps, and the output depends on c noticeably. In causal attention the key c is
+taken over every key, so a later key can then change an earlier output
+slightly through c, and the gradient includes that path. The backward
+therefore differentiates c as the maximum it is,
+
+    c = max_{(l, j) in set} u_j(x_l),   dc = -sum_{(l, j) in set} dphi_lj F^-1/2 exp(u_lj - c)
+
+(the set is one row for queries, every valid entry of the slice for keys),
+and adds dc to the gradient of the maximising entry u_lj, from which it flows
+into x_l like any other exponent. At a tie the first maximum (in row-major
+order) receives dc; the maximum is not differentiable there, and away from
+ties finite differences agree. A stabiliser given explicitly is a frozen
+constant, with no gradient.
 
 Orthogonal random features (ORF). W is a stack of ceil(F / D) blocks of D
 mutually orthogonal rows, each block the Q factor of the QR decomposition of
@@ -150,10 +164,11 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
     - eps: eps >= 0 added to every feature
     - stabiliser: "row" (one c per row: queries), "shared" (one c per slice
       over all valid rows and features: keys), or an array broadcastable to
-      (..., L, 1) to use as c as given (a frozen stabiliser)
+      (..., L, 1) to use as c as given (a frozen stabiliser, no gradient)
     - valid: optional bool (..., L), False on padded rows; their features are 0
 
-    Returns (phi, cache) with phi (..., L, F). cache["stabiliser"] is the c used.
+    Returns (phi, cache) with phi (..., L, F). cache["stabiliser"] is the c
+    used; cache["argmax"] locates the entry c was taken from (None when c was given).
     """
     width = x.shape[-1]
     num_features = features.shape[0]
@@ -170,10 +185,11 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
     # 3. Stabiliser c: the maximum exponent of each row, or of all valid rows.
     # NOTE: c is the max of the whole exponent u. Google's JAX FAVOR+
     # (google-research performer/fast_attention/jax/fast_attention.py) takes the
-    # max of W x~ alone. Both are constants that cancel. This one also keeps the
+    # max of W x~ alone. Both cancel when eps = 0. This one also keeps the
     # largest feature at exactly F^-1/2 (1 + eps), so large norms cannot underflow
     # every feature of a row to zero.
-    stabiliser = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1)
+    mode = stabiliser if isinstance(stabiliser, str) else None  # None: c given, frozen
+    stabiliser, argmax = compute_stabiliser(exponents, stabiliser, valid)  # (..., L or 1, 1) each
 
     # 4. phi = F^-1/2 (exp(u - c) + eps), zero on padded rows, computed in the
     # buffer of u, which the backward does not need.
@@ -186,36 +202,62 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
 
     cache = {
         "x_scaled": x_scaled, "features": features, "phi": phi, "eps": eps,
-        "valid": valid, "stabiliser": stabiliser, "scale": scale, "norm": norm,
+        "valid": valid, "stabiliser": stabiliser, "argmax": argmax,
+        "stabiliser_mode": mode, "scale": scale, "norm": norm,
     }
     return phi, cache
 
 
 def compute_stabiliser(exponents, mode, valid):
-    """Return the stabiliser c for exponents (..., L, F): per row, shared, or given."""
+    """Return (c, argmax) for exponents (..., L, F): c per row, shared, or given.
+
+    c is the maximum over its set: one row for "row" (c (..., L, 1)), every
+    valid entry of the slice for "shared" (c (..., 1, 1)). In "row" mode a
+    padded row keeps its own maximum, so exp cannot overflow before the row
+    is zeroed.
+
+    argmax has the shape of c and contains the index of the first maximum
+    within the set: a feature index for "row", a flat index l * F + j into the
+    slice for "shared". A given c is returned as it is, with argmax None.
+    """
     if isinstance(mode, str):
         check_choice("stabiliser", mode, STABILISER_MODES)
     else:
         fixed = np.asarray(mode, dtype=exponents.dtype)
         if not np.all(np.isfinite(fixed)):
             raise ValueError("stabiliser contains non-finite values; expected finite constants")
-        return fixed
-    if mode == "row":
-        return np.max(exponents, axis=-1, keepdims=True)  # (..., L, 1)
-    if valid is None:
-        return np.max(exponents, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
-    masked = np.where(valid[..., None], exponents, -np.inf)  # (..., L, F)
-    shared = np.max(masked, axis=(-2, -1), keepdims=True)  # (..., 1, 1)
+        return fixed, None
+    if mode == "shared" and valid is not None:
+        exponents = np.where(valid[..., None], exponents, -np.inf)  # (..., L, F)
+    groups = stabiliser_groups(exponents, mode)  # (..., L, F) or (..., 1, L F)
+    argmax = np.argmax(groups, axis=-1)[..., None]  # (..., L or 1, 1), the first maximum
+    stabiliser = np.take_along_axis(groups, argmax, axis=-1)  # (..., L or 1, 1)
     # A slice without valid keys has all features zeroed; any finite c will do.
-    return np.where(np.isfinite(shared), shared, 0.0).astype(exponents.dtype)
+    stabiliser = np.where(np.isfinite(stabiliser), stabiliser, 0.0).astype(exponents.dtype)
+    return stabiliser, argmax
+
+
+def stabiliser_groups(entries, mode):
+    """View entries (..., L, F) as the sets stabilisers are taken over: (..., L, F) or (..., 1, L F)."""
+    if mode == "row":
+        return entries
+    return entries.reshape(entries.shape[:-2] + (1, -1))
 
 
 def softmax_kernel_features_backward(dphi, cache):
-    """Backward of softmax_kernel_features_forward with the stabiliser held constant.
+    """Backward of softmax_kernel_features_forward, with c differentiated as a maximum.
 
-    The cache contains x~, W, phi, eps, the valid rows and the constants. With
-    phi^ = phi - F^-1/2 eps = F^-1/2 exp(u - c) on valid rows:
-        du = dphi * phi^,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
+    The cache contains x~, W, phi, eps, the valid rows, the stabiliser's argmax
+    and the constants. With phi^ = phi - F^-1/2 eps = F^-1/2 exp(u - c) on
+    valid rows:
+        du = dphi * phi^,   dc = -sum over c's set of dphi * phi^,
+        du[argmax] += dc,   dx~ = du W - x~ sum_j du_j,   dx = D^-1/4 dx~
+    c = max of its set of exponents, so dc reaches the maximising entry only
+    (the first one at a tie). With eps = 0 the attention output does not depend
+    on c, so dc, the derivative of the loss by c, is zero up to round-off.
+    With eps > 0 the output depends on c, and leaving dc out would give the
+    gradient of a different function. A stabiliser passed in explicitly
+    (argmax None) is a constant, so no dc is added.
     Returns dx (..., L, D).
     """
     x_scaled, features, phi = cache["x_scaled"], cache["features"], cache["phi"]
@@ -227,7 +269,16 @@ def softmax_kernel_features_backward(dphi, cache):
         exp_part *= cache["valid"][..., None]
     dexponents = dphi * exp_part  # (..., L, F)
 
-    # 3. c is a constant: no gradient flows through the stabiliser.
+    # 3. c = max of u over its set (a row, or the slice's valid entries):
+    # u - c gives dc = -sum du over the set, added to du at the argmax.
+    argmax = cache["argmax"]
+    if argmax is not None:
+        groups = stabiliser_groups(dexponents, cache["stabiliser_mode"])  # (..., L, F) or (..., 1, L F)
+        dstabiliser = -np.sum(groups, axis=-1, keepdims=True)  # (..., L or 1, 1)
+        # Scatter-add into the argmax entry: one entry per set, so no index repeats.
+        dstabiliser += np.take_along_axis(groups, argmax, axis=-1)
+        np.put_along_axis(groups, argmax, dstabiliser, axis=-1)
+        dexponents = groups.reshape(dexponents.shape)  # (..., L, F)
 
     # 2. u = W x~ - |x~|^2 / 2: x~ feeds both terms (a fork, the gradients add).
     dx_scaled = dexponents @ features  # (..., L, F) @ (F, D) -> (..., L, D)
@@ -547,7 +598,8 @@ def favor_attention_forward(
     - kernel: "softmax" (positive random features) or "relu" (generalized kernel)
     - eps: constant added to every feature; 1e-6 for softmax, 1e-3 for relu by default
     - stabilisers: optional (query c (..., N, 1), key c (..., 1, 1)) to use
-      instead of computing them, e.g. cache["stabilisers"] of an earlier call
+      instead of computing them, e.g. cache["stabilisers"] of an earlier call.
+      Given stabilisers are constants, so no gradient flows through them.
     - chunk_size: C, positions per chunk of the causal scan
 
     Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the
@@ -592,10 +644,12 @@ def favor_attention_forward(
 
 
 def favor_attention_backward(dout, cache):
-    """Backward of favor_attention_forward with features and stabilisers held fixed.
+    """Backward of favor_attention_forward with the features held fixed.
 
     The cache contains the sub-caches of the two feature maps and the linear
-    attention. Returns (dq, dk, dv).
+    attention. Stabilisers the forward computed are differentiated as maxima
+    (see softmax_kernel_features_backward); stabilisers passed in are
+    constants. Returns (dq, dk, dv).
     """
     _, features_backward = FEATURE_MAPS[cache["kernel"]]
 
@@ -735,28 +789,30 @@ def make_method(rng=None, **options):
 def gradcheck_cases(rng):
     """Return small float64 gradient-check cases (label, forward, backward, inputs, names).
 
-    The features are drawn once per case and closed over. Cases with eps > 0
-    also freeze the stabilisers of the unperturbed inputs, because c then no
-    longer cancels and a finite-difference step would move it.
+    The features are drawn once per case and closed over. The stabilisers are
+    computed by the forward and differentiated as maxima, so a
+    finite-difference step that moves c is matched by the backward. The
+    large-norm cases (queries and keys scaled by 4) put most features below
+    eps, where the output depends on c the most.
     """
     cases = []
     q = rng.standard_normal((1, 2, 5, 4))  # (B, H, N, D)
     k = rng.standard_normal((1, 2, 7, 4))  # (B, H, M, D)
     v = rng.standard_normal((1, 2, 7, 3))  # (B, H, M, Dv)
     features = draw_features(6, 4, rng)  # (F, D)
+    settings = (("softmax", 0.0, 1.0), ("softmax", 1e-3, 1.0), ("softmax", 1e-6, 4.0), ("relu", 1e-3, 1.0))
     for causal in (False, True):
-        for kernel, eps in (("softmax", 0.0), ("softmax", 1e-3), ("relu", 1e-3)):
-            _, cache = favor_attention_forward(q, k, v, features, causal=causal, kernel=kernel, eps=eps)
-            stabilisers = cache["stabilisers"] if kernel == "softmax" else None
+        for kernel, eps, size in settings:
 
-            def forward(q, k, v, causal=causal, kernel=kernel, eps=eps, stabilisers=stabilisers):
+            def forward(q, k, v, causal=causal, kernel=kernel, eps=eps):
                 return favor_attention_forward(
-                    q, k, v, features, causal=causal, kernel=kernel, eps=eps,
-                    stabilisers=stabilisers, chunk_size=3,
+                    q, k, v, features, causal=causal, kernel=kernel, eps=eps, chunk_size=3,
                 )
 
             label = f"{'causal' if causal else 'bidirectional'} {kernel} eps={eps:g}"
-            cases.append((label, forward, favor_attention_backward, [q, k, v], ["q", "k", "v"]))
+            if size != 1.0:
+                label += f" |q|, |k| x{size:g}"
+            cases.append((label, forward, favor_attention_backward, [q * size, k * size, v], ["q", "k", "v"]))
     return cases
 
 

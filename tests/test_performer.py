@@ -195,17 +195,57 @@ def test_favor_attention_gradcheck(seed, n_queries, n_keys, causal, eps):
     rng = np.random.default_rng(seed)
     q, k, v = attention_inputs(rng, n_queries, n_keys)
     features = draw_features(6, 4, rng)
-    # With eps > 0 the stabilisers no longer cancel: freeze those of the unperturbed input.
-    _, cache = favor_attention_forward(q, k, v, features, causal=causal, eps=eps)
-    stabilisers = cache["stabilisers"] if eps > 0 else None
+
+    def forward(q, k, v):
+        return favor_attention_forward(q, k, v, features, causal=causal, eps=eps, chunk_size=3)
+
+    result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
+    result.assert_ok(1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded):
+    # |q|, |k| about 12 in width 16: most features fall far below eps, so the
+    # output depends on the stabilisers c, and the backward must differentiate them.
+    # One head keeps every input under 256 entries, so gradcheck steps each entry
+    # on its own. A random direction over all entries at once takes a longer step,
+    # and at these norms the curvature of exp then shows in the central difference.
+    rng = np.random.default_rng(seed)
+    q = 3.0 * rng.standard_normal((2, 1, 6, 16))  # (B, H, N, D)
+    k = 3.0 * rng.standard_normal((2, 1, 8, 16))  # (B, H, M, D)
+    v = rng.standard_normal((2, 1, 8, 3))  # (B, H, M, Dv)
+    features = draw_features(16, 16, rng)
+    key_valid = np.array([[True] * 8, [True] * 5 + [False] * 3])[:, None, :] if padded else None  # (B, 1, M)
 
     def forward(q, k, v):
         return favor_attention_forward(
-            q, k, v, features, causal=causal, eps=eps, stabilisers=stabilisers, chunk_size=3
+            q, k, v, features, causal=causal, eps=eps, key_valid=key_valid, chunk_size=3
         )
 
     result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
     result.assert_ok(1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_frozen_stabilisers(rng, causal):
+    q = 3.0 * rng.standard_normal((2, 1, 6, 16))  # (B, H, N, D)
+    k = 3.0 * rng.standard_normal((2, 1, 8, 16))  # (B, H, M, D)
+    v = rng.standard_normal((2, 1, 8, 3))  # (B, H, M, Dv)
+    features = draw_features(16, 16, rng)
+    _, cache = favor_attention_forward(q, k, v, features, causal=causal, eps=1e-3)
+    frozen = cache["stabilisers"]
+
+    def forward(q, k, v):
+        return favor_attention_forward(q, k, v, features, causal=causal, eps=1e-3, stabilisers=frozen)
+
+    result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
+    result.assert_ok(1e-6)
+    _, cache = forward(q, k, v)
+    assert cache["query"]["argmax"] is None
+    assert cache["key"]["argmax"] is None
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -230,6 +270,73 @@ def test_softmax_features_gradcheck_with_frozen_stabiliser(rng, stabiliser):
 
     def forward(x):
         return softmax_kernel_features_forward(x, features, eps=1e-3, stabiliser=frozen, valid=valid)
+
+    result = gradcheck(forward, softmax_kernel_features_backward, [x], names=["x"], rng=rng)
+    result.assert_ok(1e-6)
+
+
+@pytest.mark.parametrize("stabiliser", ["row", "shared"])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_features_gradcheck_computed_stabiliser(rng, stabiliser, eps):
+    # phi itself depends on c for any eps: c is differentiated as the max it is.
+    x = 2.0 * rng.standard_normal((2, 6, 4))
+    features = draw_features(7, 4, rng)
+    valid = np.array([[True] * 6, [True] * 4 + [False] * 2])
+
+    def forward(x):
+        return softmax_kernel_features_forward(x, features, eps=eps, stabiliser=stabiliser, valid=valid)
+
+    result = gradcheck(forward, softmax_kernel_features_backward, [x], names=["x"], rng=rng)
+    result.assert_ok(1e-6)
+
+
+def test_stabiliser_argmax_over_valid_entries(rng):
+    x = rng.standard_normal((2, 6, 4))
+    features = draw_features(7, 4, rng)
+    valid = np.array([[True] * 6, [True] * 4 + [False] * 2])
+    x[1, 5] *= 10.0  # a padded key with a large exponent must not set c
+    for mode in ("row", "shared"):
+        _, cache = softmax_kernel_features_forward(x, features, stabiliser=mode, valid=valid)
+        x_scaled = x / 4**0.25
+        exponents = x_scaled @ features.T - 0.5 * np.sum(x_scaled**2, axis=-1, keepdims=True)  # (2, 6, 7)
+        if mode == "row":
+            np.testing.assert_array_equal(cache["argmax"][..., 0], np.argmax(exponents, axis=-1))
+        else:
+            exponents = np.where(valid[..., None], exponents, -np.inf)  # (2, 6, 7)
+            flat = exponents.reshape(2, -1)
+            np.testing.assert_array_equal(cache["argmax"][:, 0, 0], np.argmax(flat, axis=-1))
+            assert cache["argmax"][1, 0, 0] // 7 < 4, "c is taken over valid keys only"
+        np.testing.assert_allclose(
+            cache["stabiliser"], np.take_along_axis(
+                exponents if mode == "row" else exponents.reshape(2, 1, -1), cache["argmax"], axis=-1
+            ), rtol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("stabiliser", ["row", "shared"])
+def test_stabiliser_tie_goes_to_first_maximum(rng, stabiliser):
+    # Feature rows 0 and 1 are equal (6 d for a unit vector d), so their
+    # exponents tie for every input and the tie survives every finite-difference
+    # step. Row 0 of each slice is x~ = 3 d, exponent 18 - 4.5 = 13.5, the
+    # largest of its row and of its slice. The other rows keep gradients that
+    # are not negligible: for "shared" they are x~ = 2 d + 0.2 noise, exponents
+    # near 10, below 13.5 but close; for "row" they are random, with their own c.
+    direction = rng.standard_normal(4)
+    direction /= np.linalg.norm(direction)
+    features = draw_features(6, 4, rng)
+    features[0] = features[1] = 6.0 * direction
+    if stabiliser == "shared":
+        x_scaled = 2.0 * direction + 0.2 * rng.standard_normal((2, 5, 4))  # (2, 5, D)
+    else:
+        x_scaled = rng.standard_normal((2, 5, 4))  # (2, 5, D)
+    x_scaled[:, 0] = 3.0 * direction
+    x = x_scaled * 4**0.25
+    _, cache = softmax_kernel_features_forward(x, features, eps=1e-3, stabiliser=stabiliser)
+    np.testing.assert_array_equal(cache["argmax"][:, 0, 0], [0, 0])  # row 0, feature 0
+    np.testing.assert_allclose(cache["stabiliser"][:, 0, 0], [13.5, 13.5], rtol=1e-12)
+
+    def forward(x):
+        return softmax_kernel_features_forward(x, features, eps=1e-3, stabiliser=stabiliser)
 
     result = gradcheck(forward, softmax_kernel_features_backward, [x], names=["x"], rng=rng)
     result.assert_ok(1e-6)
@@ -408,6 +515,21 @@ def test_method_gradcheck_through_object(rng):
             method.backward, [q, k, v], names=["q", "k", "v"], rng=rng,
         )
         result.assert_ok(1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_method_gradcheck_large_norms(rng, causal):
+    # As the tour checks it: the default object, one head, 32 positions,
+    # width 16, |q| and |k| about 12, so the stabilisers matter.
+    method = make_registered_method("performer", rng=np.random.default_rng(3))
+    q = 3.0 * rng.standard_normal((1, 1, 32, 16))  # (B, H, N, D)
+    k = 3.0 * rng.standard_normal((1, 1, 32, 16))  # (B, H, M, D)
+    v = rng.standard_normal((1, 1, 32, 16))  # (B, H, M, Dv)
+    result = gradcheck(
+        lambda q, k, v: method.forward(q, k, v, causal=causal),
+        method.backward, [q, k, v], names=["q", "k", "v"], rng=rng,
+    )
+    result.assert_ok(1e-6)
 
 
 def test_method_padding_mask_matches_key_valid(rng):
