@@ -15,8 +15,11 @@ For an input with at most ``max_elementwise`` entries, u runs over every unit
 vector (one entry at a time, h = eps * max(1, |x_i|)). The default eps = 1e-5
 is near the step that balances the central difference's truncation error,
 O(h^2), against round-off, O(1e-16 |L| / h). For a larger input,
-u is each of ``n_directions`` random Gaussian directions, and the analytic
-value is the inner product <grad, u>.
+u is each of ``n_directions`` random Gaussian directions scaled to unit
+length, and the analytic value is the inner product <grad, u>. Unit length
+keeps the step h u as short as one entry's step: with entries of size 1, the
+step would grow as sqrt(size), and so would the central difference's
+truncation error, which reached 8e-6 on a correct tanh layer of 10,000 entries.
 
 The error reported per input is the maximum over entries (or directions) of
 
@@ -170,6 +173,7 @@ def gradcheck(
             step = eps * max(1.0, float(np.max(np.abs(x))))
             for _ in range(n_directions):
                 direction = rng.standard_normal(x.shape)
+                direction /= np.linalg.norm(direction)  # unit length: see the module docstring
                 numeric = (
                     loss_at(position, x + step * direction) - loss_at(position, x - step * direction)
                 ) / (2 * step)
