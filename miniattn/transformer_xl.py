@@ -894,7 +894,7 @@ def _attention_case(rng, label, *, n_queries, n_keys, causal, shift="gather", cl
     def forward(q, k, v, w_r, u, v_bias):
         return xl_attention_forward(q, k, v, w_r, u, v_bias, causal=causal, clamp_len=clamp_len, shift=shift)
 
-    return (label, forward, xl_attention_backward, inputs, ["q", "k", "v", "W_r", "u", "v"])
+    return (label, forward, xl_attention_backward, inputs, ["q", "k", "v", "W_r", "u", "v_bias"])
 
 
 def _layer_case(rng, label, config, *, n_queries, mem_length):

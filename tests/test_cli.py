@@ -33,9 +33,29 @@ def test_gradcheck_transformer_passes(capsys):
     assert "FAILED" not in out
 
 
-def test_gradcheck_unknown_method_names_the_choices():
-    with pytest.raises(ValueError, match="unknown attention method 'nope'"):
+def test_gradcheck_unknown_method_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["gradcheck", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown attention method 'nope'" in err
+    assert "transformer" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--methods", "flash"], "unknown attention method 'flash'"),
+        (["bench", "--repeat", "0", "--n", "64"], "--repeat=0 is invalid"),
+        (["gradcheck", "--tol", "-1"], "--tol=-1.0 is invalid"),
+        (["ring", "--timeout", "0"], "--timeout=0.0 is invalid"),
+    ],
+)
+def test_bad_options_give_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_sweep_writes_json(tmp_path, capsys):

@@ -148,9 +148,14 @@ def main(argv):
 
     names = parse_list(args.methods) or [method.name for method in METHODS if is_implemented(method.name)]
     for name in names:
-        info(name)
+        try:
+            info(name)
+        except ValueError as error:
+            parser.error(str(error))
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
+    if args.repeat < 1:
+        parser.error(f"--repeat={args.repeat} is invalid; expected a positive number of timing repeats")
     if "transformer" not in names:
         names = ["transformer"] + names  # the baseline of every ratio
     sizes = parse_list(args.n, int)

@@ -90,11 +90,16 @@ def main(argv):
     parser.add_argument("--tol", type=float, default=TOLERANCE, help="maximum relative error that passes (default 1e-6)")
     args = parser.parse_args(argv)
 
+    if not args.tol > 0:
+        parser.error(f"--tol={args.tol} is invalid; expected a positive maximum relative error")
     names = args.methods or [method.name for method in METHODS if is_implemented(method.name)] + [LAYERS]
     for name in names:
         if name == LAYERS:
             continue
-        info(name)  # unknown names raise with the list of known ones
+        try:
+            info(name)
+        except ValueError as error:  # names the unknown method and lists the known ones
+            parser.error(str(error))
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
 
@@ -115,4 +120,5 @@ def main(argv):
     if failures:
         print(f"{failures} gradient check(s) failed", file=sys.stderr)
         return 1
+    print(f"all gradient checks passed (tolerance {args.tol:.0e})")
     return 0

@@ -60,7 +60,18 @@ def worker_table(report):
 
 
 def main(argv):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        parser.error(f"--timeout={args.timeout} is invalid; expected a positive number of seconds")
+    try:
+        return run(args)
+    except ValueError as error:  # invalid sizes or options, named by the simulator
+        parser.error(str(error))
+
+
+def run(args):
+    """Run the simulator with the parsed options and print its report."""
     dtype = np.float32 if args.float32 else np.float64
     rng = np.random.default_rng(args.seed)
     shape = (1, 1, args.length, args.width)

@@ -32,6 +32,6 @@ def main(argv):
         model, vocabulary, args.prompt, args.length, config["context"],
         rng=np.random.default_rng(args.seed), temperature=args.temperature,
     )
-    print(f"# {config['attention']} model, {len(vocabulary)} characters, temperature {args.temperature}")
+    print(f"# {config['attention']} model, vocabulary of {len(vocabulary)} characters, temperature {args.temperature}")
     print(text)
     return 0

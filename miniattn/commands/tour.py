@@ -283,7 +283,7 @@ def main(argv):
         print(
             f"  output error {row['error']:.1e}, attention mass kept {row['mass_kept']:.3f}, "
             f"forward+backward {row['forward_backward_s'] * 1e3:.1f} ms, peak {format_bytes(row['peak_bytes'])}, "
-            f"gradcheck max rel error {row['gradcheck']:.1e} (own cases), "
+            f"gradcheck max rel error {row['gradcheck']:.1e} (the method's own small cases), "
             f"{row['slice_gradcheck']:.1e} (last {SLICE_LENGTH} positions of the passage)\n"
         )
         rows.append(row)
