@@ -471,6 +471,11 @@ def allowed_keys(cache):
 # --- the attention method object -----------------------------------------------------------
 
 
+# Chunk length of the method object when neither it nor nb is set: 64 positions,
+# the default of the Hugging Face Reformer configuration (the paper's code uses 128).
+DEFAULT_CHUNK_LENGTH = 64
+
+
 class LSHAttention:
     """Reformer's shared-QK LSH attention as an attention method object.
 
@@ -481,12 +486,22 @@ class LSHAttention:
     from rng at the first forward, for that head width, and kept; every
     batch entry and head shares them. Only key padding masks, shaped
     (..., 1, M), can be honoured: any other mask raises.
+
+    Sizes. By default the chunk length is fixed at DEFAULT_CHUNK_LENGTH and
+    the bucket count grows with N, nb = 2 ceil(N / c), so that a chunk holds
+    about two average buckets and each query attends 2c keys: the cost grows
+    linearly in N, as in the paper. Setting n_buckets fixes nb instead, with
+    c = 2N / nb; setting both fixes both. Rotations drawn for one nb are
+    redrawn when a later call needs another nb (a different N).
     """
 
     name = "reformer"
 
-    def __init__(self, rng=None, *, n_buckets=8, chunk_length=None, n_rounds=1, dedup=False, rotations=None, backend=None):
-        check_n_buckets(n_buckets)
+    def __init__(self, rng=None, *, n_buckets=None, chunk_length=None, n_rounds=1, dedup=False, rotations=None, backend=None):
+        if rotations is not None and n_buckets is None:
+            n_buckets = 2 * np.shape(rotations)[-1]  # rotations (K, D, nb / 2) fix nb
+        if n_buckets is not None:
+            check_n_buckets(n_buckets)
         check_int("n_rounds", n_rounds, minimum=1)
         if chunk_length is not None:
             check_int("chunk_length", chunk_length, minimum=1)
@@ -495,6 +510,7 @@ class LSHAttention:
             check_generator("rng", rng)
         else:
             check_rotations(rotations, None, n_buckets, n_rounds)
+        self.fixed_rotations = rotations is not None
         self.rng = rng
         self.n_buckets = n_buckets
         self.chunk_length = chunk_length
@@ -504,10 +520,18 @@ class LSHAttention:
         self.backend = backend
 
     def chunk_length_for(self, n_positions):
-        """Return the chunk length for N positions: the set one, or 2 N / nb (two average buckets)."""
+        """Return the chunk length for N positions: the set one, 2 N / nb for a set nb, else the default."""
         if self.chunk_length is not None:
             return self.chunk_length
+        if self.n_buckets is None:
+            return min(n_positions, DEFAULT_CHUNK_LENGTH)
         return int(min(n_positions, max(1, -(-2 * n_positions // self.n_buckets))))
+
+    def buckets_for(self, n_positions):
+        """Return nb for N positions: the set one, or 2 ceil(N / c) (two average buckets per chunk)."""
+        if self.n_buckets is not None:
+            return self.n_buckets
+        return max(2, 2 * -(-n_positions // self.chunk_length_for(n_positions)))
 
     def forward(self, q, k, v, *, mask=None, causal=False):
         check_attention_inputs(q, k, v)
@@ -523,11 +547,13 @@ class LSHAttention:
                     f"of shape (..., 1, M), because each query sees keys chosen by hashing"
                 )
             key_mask = mask[..., 0, :]
-        if self.rotations is None:
-            self.rotations = draw_rotations(self.rng, self.n_rounds, q.shape[-1], self.n_buckets, dtype=q.dtype)
+        n_buckets = self.buckets_for(q.shape[-2])
+        wanted_shape = (self.n_rounds, q.shape[-1], n_buckets // 2)
+        if self.rotations is None or (not self.fixed_rotations and self.rotations.shape != wanted_shape):
+            self.rotations = draw_rotations(self.rng, self.n_rounds, q.shape[-1], n_buckets, dtype=q.dtype)
         return lsh_attention_forward(
             q, v,
-            n_buckets=self.n_buckets,
+            n_buckets=n_buckets,
             chunk_length=self.chunk_length_for(q.shape[-2]),
             rotations=self.rotations,
             causal=causal,

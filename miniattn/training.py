@@ -100,6 +100,8 @@ def context_options(name, context, options, heads=MODEL_DEFAULTS["n_heads"]):
     if name == "routing_transformer":
         chosen["n_clusters"] = 4
         chosen["local_heads"] = heads // 2
+    if name == "reformer":
+        chosen["chunk_length"] = max(1, context // 4)  # 8 buckets of about N / 8 positions
     if name == "longformer":
         chosen["window"] = max(1, context // 4)  # one-sided: a quarter of the context
     if name == "bigbird":
