@@ -105,7 +105,9 @@ def context_options(name, context, options, heads=MODEL_DEFAULTS["n_heads"]):
     if name == "longformer":
         chosen["window"] = max(1, context // 4)  # one-sided: a quarter of the context
     if name == "bigbird":
-        chosen["block_size"] = max(1, context // 8)
+        # BigBird falls back to dense attention when N <= (5 + 2R) b; with the
+        # default R = 3 random blocks, b = N / 16 keeps it on its sparse plan.
+        chosen["block_size"] = max(1, context // 16)
     elif name == "ring_attention":
         chosen["block_size"] = max(1, context // 4)
     chosen.update(options)

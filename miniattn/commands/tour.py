@@ -243,6 +243,10 @@ def main(argv):
     parser.add_argument("--heads", type=int, help="heads H of a newly trained model (default 4)")
     parser.add_argument("--d", type=int, help="head width D of a newly trained model (default 16)")
     parser.add_argument("--plot", metavar="DIR", help="write each method's pattern and its error against time as PNG files")
+    parser.add_argument(
+        "--save-inputs", metavar="PATH",
+        help="also save the tour's q, k, v (1, H, N, D) to a .npz file, e.g. for bench --suite performer --qkv PATH",
+    )
     args = parser.parse_args(argv)
     if args.n < 8:
         parser.error(f"--n={args.n} is too small; expected N >= 8")
@@ -266,6 +270,8 @@ def main(argv):
     started = time.perf_counter()
     try:
         q, k, v, passage, layer, history = real_inputs(args)
+        if args.save_inputs:
+            np.savez(args.save_inputs, q=q, k=k, v=v)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
