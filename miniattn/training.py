@@ -388,6 +388,16 @@ def method_parameter_sets(attention):
             yield "x".join(str(part) for part in key), arrays
 
 
+def is_array_table(value):
+    """Return True for a non-empty dict from tuples of integers (or booleans) to arrays."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(key, tuple) and all(isinstance(part, (int, np.integer)) for part in key) for key in value)
+        and all(isinstance(array, np.ndarray) for array in value.values())
+    )
+
+
 def attention_state(model):
     """Return the arrays each block's attention method keeps: "blocks.I/NAME" -> array.
 
@@ -400,6 +410,11 @@ def attention_state(model):
         for attribute, value in vars(attention).items():
             if isinstance(value, np.ndarray):
                 state[f"blocks.{index}/{attribute}"] = value
+            elif attribute != "params" and is_array_table(value):
+                # e.g. BigBird's random blocks per (H, nb, causal): "blocks.I/adjacency[2x16x1]"
+                for key, array in value.items():
+                    label = "x".join(str(int(part)) for part in key)
+                    state[f"blocks.{index}/{attribute}[{label}]"] = array
         for label, arrays in method_parameter_sets(attention):
             for name, array in arrays.items():
                 state[f"blocks.{index}/params.{label}.{name}"] = array
@@ -411,6 +426,11 @@ def load_attention_state(model, state):
     for key, value in state.items():
         block_name, _, attribute = key.partition("/")
         attention = model.blocks[int(block_name.split(".")[1])].self_attention.attention
+        if attribute.endswith("]") and "[" in attribute:  # one entry of a table of arrays
+            table_name, _, label = attribute[:-1].partition("[")
+            key = tuple(int(part) for part in label.split("x"))  # True == 1 as a dict key
+            getattr(attention, table_name)[key] = value
+            continue
         if not attribute.startswith("params."):
             setattr(attention, attribute, value)
             continue
