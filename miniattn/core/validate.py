@@ -23,7 +23,14 @@ def check_float_array(name, x, *, min_ndim=1, finite=True):
         )
     if x.ndim < min_ndim:
         raise ValueError(f"{name} has shape {x.shape}; expected at least {min_ndim} dimensions")
-    if finite and not np.all(np.isfinite(x)):
+    # One float64 sum finds a NaN or inf without a boolean array the size of x:
+    # NaN and inf propagate, and a sum of finite float32 values cannot overflow in
+    # float64. A float64 sum can overflow on huge finite values, so a non-finite
+    # sum is confirmed entry by entry before raising.
+    if finite:
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.sum(x, dtype=np.float64)
+    if finite and not np.isfinite(total) and not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
 
