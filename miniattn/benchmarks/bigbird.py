@@ -146,9 +146,12 @@ def main(argv=None):
         [row["N"] for row in compared], [row["peak_bytes"] for row in compared],
         [row["dense_peak_bytes"] for row in compared],
     )
-    print(f"BigBird faster than dense (fwd + bwd) from N = {summary['time_crossover_N']}, "
-          f"smaller peak memory from N = {summary['memory_crossover_N']} "
-          f"(None: not within N <= {args.dense_max})")
+
+    def first_size(size):
+        return f"N = {size}" if size is not None else f"no N up to {args.dense_max}"
+
+    print(f"BigBird faster than dense (fwd + bwd) from {first_size(summary['time_crossover_N'])}, "
+          f"smaller peak memory from {first_size(summary['memory_crossover_N'])}")
 
     write_json(args.json, {
         "suite": "bigbird",

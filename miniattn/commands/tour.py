@@ -299,7 +299,7 @@ def main(argv):
             "year": info(row["name"]).year,
             "method": row["name"],
             "mode": "causal" if row["causal"] else "bidir",
-            "keys seen": f"{row['keys_seen']:.0%}",
+            "last query sees": f"{row['keys_seen']:.0%}",
             "output error": f"{row['error']:.1e}",
             "mass kept": f"{row['mass_kept']:.3f}",
             "forward": f"{row['forward_s'] * 1e3:.1f} ms",
