@@ -548,8 +548,8 @@ class LSHAttention:
                 )
             key_mask = mask[..., 0, :]
         n_buckets = self.buckets_for(q.shape[-2])
-        wanted_shape = (self.n_rounds, q.shape[-1], n_buckets // 2)
-        if self.rotations is None or (not self.fixed_rotations and self.rotations.shape != wanted_shape):
+        expected_shape = (self.n_rounds, q.shape[-1], n_buckets // 2)
+        if self.rotations is None or (not self.fixed_rotations and self.rotations.shape != expected_shape):
             self.rotations = draw_rotations(self.rng, self.n_rounds, q.shape[-1], n_buckets, dtype=q.dtype)
         return lsh_attention_forward(
             q, v,

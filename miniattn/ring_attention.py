@@ -212,6 +212,20 @@ class WorkCount:
     pairs: int = 0
 
 
+def worker_block_mask(shard, block, config, mask):
+    """Return the BlockMask of a worker's queries against the key/value block it holds now.
+
+    The mask is built from global positions, so the forward and the backward
+    schedules see the same allowed pairs at every step.
+    """
+    return BlockMask(
+        shard.query_index,
+        block.key_index,
+        causal_offset=config.causal_offset,
+        mask=pair_mask(mask, shard.query_index, block.key_index),
+    )
+
+
 def expect_block(message, source, own, worker, step):
     """Raise when a received message is not the block the schedule expects at this step.
 
@@ -260,12 +274,7 @@ def worker_forward(shard, config, transport, mask=None):
             transport.send(block)
 
         # 3. Attend the local queries to it and merge into the running result.
-        block_mask = BlockMask(
-            shard.query_index,
-            block.key_index,
-            causal_offset=config.causal_offset,
-            mask=pair_mask(mask, shard.query_index, block.key_index),
-        )
+        block_mask = worker_block_mask(shard, block, config, mask)
         computed = not block_mask.is_empty(slice(None), slice(None))
         with transport.compute(step):
             if computed:
@@ -311,12 +320,7 @@ def worker_backward(shard, out, lse, dout, config, transport, mask=None):
             transport.send(block)
 
         # 3. Add this block's gradient contributions, recomputed from the global lse.
-        block_mask = BlockMask(
-            shard.query_index,
-            block.key_index,
-            causal_offset=config.causal_offset,
-            mask=pair_mask(mask, shard.query_index, block.key_index),
-        )
+        block_mask = worker_block_mask(shard, block, config, mask)
         computed = not block_mask.is_empty(slice(None), slice(None))
         with transport.compute(step):
             if computed:

@@ -140,7 +140,9 @@ def test_key_mask_and_fully_masked_rows(rng):
     )
     dout = rng.standard_normal(out.shape)
     dqk, dv = reformer.lsh_attention_backward(dout, cache)
-    assert np.all(np.isfinite(out)) and np.all(np.isfinite(dqk)) and np.all(np.isfinite(dv))
+    assert np.all(np.isfinite(out))
+    assert np.all(np.isfinite(dqk))
+    assert np.all(np.isfinite(dv))
     np.testing.assert_array_equal(out[1], 0.0)
     np.testing.assert_array_equal(dqk[1], 0.0)
     np.testing.assert_array_equal(dv[1], 0.0)
@@ -376,7 +378,8 @@ def test_method_registry_and_shared_qk(rng):
     dq, dk, dv = method.backward(rng.standard_normal(out.shape), cache)
     np.testing.assert_array_equal(dk, 0.0)
     seen = method.keys_seen(cache)
-    assert seen.shape == (2, 2, 8, 8) and seen.dtype == bool
+    assert seen.shape == (2, 2, 8, 8)
+    assert seen.dtype == bool
     assert np.all(np.diagonal(seen, axis1=-2, axis2=-1))
 
 

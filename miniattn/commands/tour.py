@@ -50,7 +50,15 @@ WEAK_MODEL_RATIO = 0.9  # a validation loss above this share of the unigram base
 def draw_keys(seen_row, width=STRIP_WIDTH):
     """Draw one query's attended keys as a strip: '#' all keys of a cell seen, '+' some, '.' none."""
     cells = np.array_split(seen_row, min(width, len(seen_row)))
-    return "".join("#" if cell.all() else "+" if cell.any() else "." for cell in cells)
+    symbols = []
+    for cell in cells:
+        if cell.all():
+            symbols.append("#")
+        elif cell.any():
+            symbols.append("+")
+        else:
+            symbols.append(".")
+    return "".join(symbols)
 
 
 def slice_gradcheck(name, q, k, v, causal, seed):

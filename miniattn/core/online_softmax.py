@@ -276,7 +276,7 @@ def output_delta(dout, out):
 
 
 class BlockwiseCache(NamedTuple):
-    """What blockwise_attention_backward needs: inputs, output, lse, never P."""
+    """Saved state of blockwise attention for its backward: inputs, output and lse, never P."""
 
     q: np.ndarray  # (..., N, D)
     k: np.ndarray  # (..., M, D)
