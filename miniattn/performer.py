@@ -78,10 +78,19 @@ and redraws only when redraw_features() is called. The cache keeps the
 features used, so a backward always matches its forward and a gradient check
 differentiates one fixed function.
 
-Complexity per head: O((N + M) F D + (N + M) F Dv) time and O((N + M) F + F Dv)
-memory bidirectional. Causal adds O(M C F) time for the chunk blocks and
-holds only O(C^2 + F Dv) beyond the features. Exact attention costs
-O(N M D) time and O(N M) memory.
+Row blocks (bidirectional). phi(Q) and phi(K) are computed a block of rows
+at a time and never held whole: a first pass over the key blocks finds the
+shared key stabiliser, a second sums kv = phi(K)^T V and phi(K)^T 1, and each
+query block then gives its output rows. The backward recomputes the blocks.
+A block of features stays in the CPU cache through its elementwise passes,
+while whole (N, F) arrays would travel to memory and back for each pass. So
+the blocks keep the time linear in N, and the recomputation costs one more
+feature map per input.
+
+Complexity per head: O((N + M) F (D + Dv)) time both ways. Memory
+bidirectional: O((N + M) (D + Dv) + F Dv) plus one block of features. Causal
+holds phi(Q) and phi(K), O((N + M) F), and O(C^2 + F Dv) for the scan.
+Exact attention costs O(N M D) time and O(N M) memory.
 """
 
 import numpy as np
@@ -170,17 +179,12 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
     Returns (phi, cache) with phi (..., L, F). cache["stabiliser"] is the c
     used; cache["argmax"] locates the entry c was taken from (None when c was given).
     """
-    width = x.shape[-1]
-    num_features = features.shape[0]
-    scale = width**-0.25
-    norm = num_features**-0.5
+    scale = x.shape[-1] ** -0.25
+    norm = features.shape[0] ** -0.5
 
     # 1. x~ = x D^-1/4, so that q~.k~ = q.k / sqrt(D).
-    x_scaled = x * x.dtype.type(scale)  # (..., L, D)
-
     # 2. Exponents u = W x~ - |x~|^2 / 2.
-    exponents = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
-    exponents -= 0.5 * np.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
+    x_scaled, exponents = softmax_exponents(x, features)  # (..., L, D), (..., L, F)
 
     # 3. Stabiliser c: the maximum exponent of each row, or of all valid rows.
     # NOTE: c is the max of the whole exponent u. Google's JAX FAVOR+
@@ -206,6 +210,14 @@ def softmax_kernel_features_forward(x, features, *, eps=1e-6, stabiliser="row", 
         "stabiliser_mode": mode, "scale": scale, "norm": norm,
     }
     return phi, cache
+
+
+def softmax_exponents(x, features):
+    """Return (x~, u) for x (..., L, D): x~ = x D^-1/4 and u = W x~ - |x~|^2 / 2 (..., L, F)."""
+    x_scaled = x * x.dtype.type(x.shape[-1] ** -0.25)  # (..., L, D)
+    exponents = x_scaled @ features.T  # (..., L, D) @ (D, F) -> (..., L, F)
+    exponents -= 0.5 * np.sum(x_scaled * x_scaled, axis=-1, keepdims=True)
+    return x_scaled, exponents
 
 
 def compute_stabiliser(exponents, mode, valid):
@@ -375,9 +387,7 @@ def linear_attention_forward(query_features, key_features, v, *, causal=False, c
         sums_cache = (query_features, key_features, v, kv, key_sum)
 
     # 3. Row normalisation. An empty row (denominator 0) stays zero.
-    inverse = np.zeros_like(denominator)  # (..., N, 1)
-    np.divide(1.0, denominator, out=inverse, where=denominator > 0)
-    out = numerator * inverse  # (..., N, Dv)
+    out, inverse = row_normalise(numerator, denominator)  # (..., N, Dv), (..., N, 1)
 
     cache = {"causal": causal, "sums": sums_cache, "inverse": inverse, "out": out}
     return out, cache
@@ -572,6 +582,195 @@ def unframe_rows(frame, n_queries, shift):
     return out
 
 
+# --- bidirectional FAVOR+ in row blocks -------------------------------------------
+
+BLOCK_ENTRIES = 2**18  # feature entries per block: 1 MiB in float32, which stays in a 2 MiB L2 cache
+
+
+def row_blocks(length, block_rows):
+    """Split the positions 0..length-1 into consecutive slices of at most block_rows."""
+    return [slice(start, min(start + block_rows, length)) for start in range(0, length, block_rows)]
+
+
+def default_block_rows(batch_shape, num_features):
+    """Rows per block so that a block of features (..., rows, F) holds about BLOCK_ENTRIES entries."""
+    return max(1, BLOCK_ENTRIES // (int(np.prod(batch_shape)) * num_features))
+
+
+def feature_map(kernel, x, features, eps, stabiliser, valid):
+    """Return (phi, cache) for the rows x (..., L, D) from the kernel's feature map.
+
+    stabiliser ("row", "shared" or a given c) applies to the softmax kernel;
+    the relu kernel has none.
+    """
+    if kernel == "softmax":
+        return softmax_kernel_features_forward(x, features, eps=eps, stabiliser=stabiliser, valid=valid)
+    return relu_kernel_features_forward(x, features, eps=eps, valid=valid)
+
+
+def shared_key_stabiliser(k, features, key_valid, blocks):
+    """Compute the shared key stabiliser c, the maximum of u over a slice's valid entries, block by block.
+
+    Returns (c (..., 1, 1), argmax (..., 1, 1)), equal to what
+    compute_stabiliser(u, "shared", key_valid) returns for the whole u (..., M, F):
+    argmax is the flat index l F + j of the first maximum, and a slice
+    without valid keys gets c = 0.
+    """
+    num_features = features.shape[0]
+    best = best_index = None
+    for rows in blocks:
+        _, exponents = softmax_exponents(k[..., rows, :], features)  # (..., C, F)
+        if key_valid is not None:
+            exponents = np.where(key_valid[..., rows, None], exponents, -np.inf)
+        flat = exponents.reshape(exponents.shape[:-2] + (1, -1))  # (..., 1, C F)
+        index = np.argmax(flat, axis=-1)[..., None]  # (..., 1, 1), first maximum in the block
+        value = np.take_along_axis(flat, index, axis=-1)  # (..., 1, 1)
+        index += rows.start * num_features  # flat index into the slice's (M F) entries
+        if best is None:
+            best, best_index = value, index
+        else:
+            # Strictly greater: at a tie the earlier block keeps the maximum, as a
+            # row-major argmax over the whole slice would.
+            better = value > best
+            best = np.where(better, value, best)
+            best_index = np.where(better, index, best_index)
+    best = np.where(np.isfinite(best), best, 0.0).astype(k.dtype)
+    return best, best_index
+
+
+def row_normalise(numerator, denominator):
+    """Return (numerator / denominator, 1 / denominator); a row with denominator 0 stays zero."""
+    inverse = np.zeros_like(denominator)  # (..., N, 1)
+    np.divide(1.0, denominator, out=inverse, where=denominator > 0)
+    return numerator * inverse, inverse
+
+
+def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilisers, block_rows):
+    """Bidirectional FAVOR+ with phi(Q) and phi(K) computed block_rows rows at a time.
+
+    The inputs are checked by favor_attention_forward. The key blocks are
+    summed into kv = phi(K)^T V and key_sum = phi(K)^T 1; then each query
+    block gives its output rows. One block of features stays in cache through
+    its elementwise passes (exp, eps, scaling), where whole (N, F) arrays
+    would go out to memory and back for each pass, so time stays linear in N.
+    No (N, F) array is kept: the backward recomputes the feature blocks.
+    Returns (out, cache) with out (..., N, Dv).
+    """
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    batch_shape = q.shape[:-2]
+    num_features, value_width = features.shape[0], v.shape[-1]
+    query_blocks, key_blocks = row_blocks(n_queries, block_rows), row_blocks(n_keys, block_rows)
+
+    # 1. Stabilisers (softmax kernel): computed per query row within each query
+    # block, and one shared by all valid keys, found by a first pass over the key
+    # blocks. Given stabilisers are used as they are.
+    query_stabiliser = key_stabiliser = key_argmax = None
+    if kernel == "softmax":
+        if stabilisers is None:
+            key_stabiliser, key_argmax = shared_key_stabiliser(k, features, key_valid, key_blocks)
+        else:
+            query_stabiliser, key_stabiliser = stabilisers
+
+    # 2. Key summaries kv = phi(K)^T V and key_sum = phi(K)^T 1, linear in M.
+    kv = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # (..., F, Dv)
+    key_sum = np.zeros(batch_shape + (num_features,), dtype=v.dtype)  # (..., F)
+    for rows in key_blocks:
+        valid = None if key_valid is None else key_valid[..., rows]
+        key_features, _ = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., C, F)
+        kv += np.swapaxes(key_features, -1, -2) @ v[..., rows, :]  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
+        key_sum += np.sum(key_features, axis=-2)
+
+    # 3. Each query block: numerator phi(Q) kv, denominator phi(Q) key_sum, row normalisation.
+    out = np.empty(batch_shape + (n_queries, value_width), dtype=v.dtype)  # (..., N, Dv)
+    inverse = np.empty(batch_shape + (n_queries, 1), dtype=v.dtype)  # (..., N, 1)
+    used_query_stabiliser = np.empty_like(inverse) if kernel == "softmax" else None  # (..., N, 1)
+    for rows in query_blocks:
+        stabiliser = "row" if query_stabiliser is None else query_stabiliser[..., rows, :]
+        query_features, query_cache = feature_map(kernel, q[..., rows, :], features, eps, stabiliser, None)
+        numerator = query_features @ kv  # (..., C, F) @ (..., F, Dv) -> (..., C, Dv)
+        denominator = query_features @ key_sum[..., None]  # (..., C, F) @ (..., F, 1) -> (..., C, 1)
+        out[..., rows, :], inverse[..., rows, :] = row_normalise(numerator, denominator)
+        if kernel == "softmax":
+            used_query_stabiliser[..., rows, :] = query_cache["stabiliser"]
+
+    cache = {
+        "causal": False, "kernel": kernel, "q": q, "k": k, "v": v, "features": features, "eps": eps,
+        "key_valid": key_valid, "blocks": (query_blocks, key_blocks), "kv": kv, "key_sum": key_sum,
+        "inverse": inverse, "out": out, "query_stabiliser": query_stabiliser,
+        "key_argmax": key_argmax, "stabilisers": (used_query_stabiliser, key_stabiliser),
+    }
+    return out, cache
+
+
+def bidirectional_favor_backward(dout, cache):
+    """Backward of bidirectional_favor_forward, recomputing the feature blocks.
+
+    With numerator = phi(Q) kv, denominator = phi(Q) key_sum and
+    out = numerator / denominator:
+
+        dphi(Q) = dnumerator kv^T + ddenominator key_sum^T,
+        dkv = phi(Q)^T dnumerator,  dkey_sum = phi(Q)^T ddenominator  (summed over query blocks),
+        dphi(K) = V dkv^T + 1 dkey_sum^T,  dV = phi(K) dkv              (per key block).
+
+    Each query row has its own stabiliser, so each query block differentiates
+    its own (softmax_kernel_features_backward). The shared key stabiliser
+    couples all key blocks: its gradient dc = -sum dphi(K) F^-1/2 exp(u - c)
+    over valid entries is summed over the blocks, then added to the exponent
+    u_lj at its argmax, which passes dc (w_j - k~_l) D^-1/4 to key l.
+    A given stabiliser is a constant and gets none. Returns (dq, dk, dv).
+    """
+    q, k, v, features = cache["q"], cache["k"], cache["v"], cache["features"]
+    kernel, eps, key_valid = cache["kernel"], cache["eps"], cache["key_valid"]
+    kv, key_sum, inverse, out = cache["kv"], cache["key_sum"], cache["inverse"], cache["out"]
+    query_stabiliser, (_, key_stabiliser) = cache["query_stabiliser"], cache["stabilisers"]
+    key_argmax = cache["key_argmax"]
+    query_blocks, key_blocks = cache["blocks"]
+    _, features_backward = FEATURE_MAPS[kernel]
+    dtype = q.dtype.type
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+
+    # 3. Query blocks: out = numerator / denominator, numerator = phi(Q) kv, denominator = phi(Q) key_sum.
+    dkv = np.zeros_like(kv)  # (..., F, Dv)
+    dkey_sum = np.zeros_like(key_sum)  # (..., F)
+    for rows in query_blocks:
+        stabiliser = "row" if query_stabiliser is None else query_stabiliser[..., rows, :]
+        query_features, query_cache = feature_map(kernel, q[..., rows, :], features, eps, stabiliser, None)
+        block_inverse, block_dout = inverse[..., rows, :], dout[..., rows, :]  # (..., C, 1), (..., C, Dv)
+        dnumerator = block_dout * block_inverse  # (..., C, Dv)
+        ddenominator = -np.sum(block_dout * out[..., rows, :], axis=-1, keepdims=True) * block_inverse  # (..., C, 1)
+        dquery_features = dnumerator @ np.swapaxes(kv, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dquery_features += ddenominator * key_sum[..., None, :]
+        dq[..., rows, :] = features_backward(dquery_features, query_cache)
+        query_features_t = np.swapaxes(query_features, -1, -2)  # (..., F, C)
+        dkv += query_features_t @ dnumerator  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
+        dkey_sum += (query_features_t @ ddenominator)[..., 0]  # (..., F, C) @ (..., C, 1) -> (..., F)
+
+    # 2. Key blocks: kv = phi(K)^T V and key_sum = phi(K)^T 1, phi(K) with c held fixed.
+    dstabiliser = np.zeros(k.shape[:-2] + (1, 1), dtype=k.dtype)  # dc: (..., 1, 1)
+    for rows in key_blocks:
+        valid = None if key_valid is None else key_valid[..., rows]
+        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
+        dkey_features = v[..., rows, :] @ np.swapaxes(dkv, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
+        dkey_features += dkey_sum[..., None, :]
+        dk[..., rows, :] = features_backward(dkey_features, key_cache)
+        dv[..., rows, :] = key_features @ dkv  # (..., C, F) @ (..., F, Dv) -> (..., C, Dv)
+        if key_argmax is not None:
+            exp_part = key_features - dtype(eps * key_cache["norm"])  # F^-1/2 exp(u - c) on valid rows
+            if valid is not None:
+                exp_part *= valid[..., None]
+            dstabiliser -= np.sum(dkey_features * exp_part, axis=(-2, -1), keepdims=True)
+
+    # 1. c = u_lj at the argmax (l, j): du_lj += dc, and u_lj = w_j . k~_l - |k~_l|^2 / 2.
+    if key_argmax is not None:
+        num_features = features.shape[0]
+        key_row, feature_row = key_argmax // num_features, key_argmax % num_features  # (..., 1, 1) each
+        scale = dtype(k.shape[-1] ** -0.25)
+        key_scaled = np.take_along_axis(k, key_row, axis=-2) * scale  # (..., 1, D)
+        correction = dstabiliser * (features[feature_row[..., 0]] - key_scaled) * scale  # (..., 1, D)
+        np.put_along_axis(dk, key_row, np.take_along_axis(dk, key_row, axis=-2) + correction, axis=-2)
+    return dq, dk, dv
+
+
 # --- FAVOR+ attention -------------------------------------------------------------
 
 
@@ -587,6 +786,7 @@ def favor_attention_forward(
     eps=None,
     stabilisers=None,
     chunk_size=64,
+    block_rows=None,
 ):
     """FAVOR+ attention D^-1 (phi(Q) (phi(K)^T V)), bidirectional or causal.
 
@@ -601,42 +801,46 @@ def favor_attention_forward(
       instead of computing them, e.g. cache["stabilisers"] of an earlier call.
       Given stabilisers are constants, so no gradient flows through them.
     - chunk_size: C, positions per chunk of the causal scan
+    - block_rows: rows of q and of k whose features the bidirectional path
+      computes at once; by default a block holds about 2^18 feature entries
 
     Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the
     stabilisers used ((None, None) for the relu kernel).
     """
-    check_attention_inputs(q, k, v)
-    features = check_features(features, q.shape[-1], q.dtype)
-    check_choice("kernel", kernel, KERNELS)
-    eps = DEFAULT_EPS[kernel] if eps is None else eps
-    check_real("eps", eps, minimum=0.0)
+    features, eps, key_valid = check_favor_inputs(q, k, v, features, kernel, eps, key_valid)
     check_int("chunk_size", chunk_size, minimum=1)
-    if key_valid is not None:
-        key_valid = check_key_valid(key_valid, k.shape[:-1])
-    if kernel == "softmax":
-        query_stabiliser, key_stabiliser = ("row", "shared") if stabilisers is None else stabilisers
-    elif stabilisers is not None:
-        raise ValueError("stabilisers apply to the softmax kernel only; the relu kernel has none")
-    features_forward, _ = FEATURE_MAPS[kernel]
+    if block_rows is None:
+        block_rows = default_block_rows(q.shape[:-2], features.shape[0])
+    check_int("block_rows", block_rows, minimum=1)
+    if stabilisers is not None:
+        stabilisers = check_given_stabilisers(stabilisers, kernel, q.shape, k.shape, q.dtype)
+    if not causal:
+        return bidirectional_favor_forward(
+            q, k, v, features, key_valid=key_valid, kernel=kernel, eps=eps, stabilisers=stabilisers,
+            block_rows=block_rows,
+        )
+
+    # Causal: the scan over chunks reads the whole feature maps.
+    query_stabiliser, key_stabiliser = ("row", "shared") if stabilisers is None else stabilisers
 
     # 1. Query features phi(Q), stabilised per row.
-    options = {"stabiliser": query_stabiliser} if kernel == "softmax" else {}
-    query_features, query_cache = features_forward(q, features, eps=eps, **options)  # (..., N, F)
+    query_features, query_cache = feature_map(kernel, q, features, eps, query_stabiliser, None)  # (..., N, F)
 
     # 2. Key features phi(K), one stabiliser shared by all valid keys, padded rows zero.
-    options = {"stabiliser": key_stabiliser} if kernel == "softmax" else {}
-    key_features, key_cache = features_forward(k, features, eps=eps, valid=key_valid, **options)  # (..., M, F)
+    key_features, key_cache = feature_map(kernel, k, features, eps, key_stabiliser, key_valid)  # (..., M, F)
 
     # 3. Linear attention on the features, never forming the N x M matrix.
     out, attention_cache = linear_attention_forward(
-        query_features, key_features, v, causal=causal, chunk_size=chunk_size
+        query_features, key_features, v, causal=True, chunk_size=chunk_size
     )  # (..., N, Dv)
 
     cache = {
+        "causal": True,
         "kernel": kernel,
         "query": query_cache,
         "key": key_cache,
         "attention": attention_cache,
+        "inverse": attention_cache["inverse"],
         "features": features,
         "stabilisers": (query_cache["stabiliser"], key_cache["stabiliser"]),
     }
@@ -647,10 +851,13 @@ def favor_attention_backward(dout, cache):
     """Backward of favor_attention_forward with the features held fixed.
 
     The cache contains the sub-caches of the two feature maps and the linear
-    attention. Stabilisers the forward computed are differentiated as maxima
-    (see softmax_kernel_features_backward); stabilisers passed in are
-    constants. Returns (dq, dk, dv).
+    attention (causal), or the inputs and key summaries (bidirectional, see
+    bidirectional_favor_backward). Stabilisers the forward computed are
+    differentiated as maxima (see softmax_kernel_features_backward);
+    stabilisers passed in are constants. Returns (dq, dk, dv).
     """
+    if not cache["causal"]:
+        return bidirectional_favor_backward(dout, cache)
     _, features_backward = FEATURE_MAPS[cache["kernel"]]
 
     # 3. out = linear attention on phi(Q), phi(K), V.
@@ -662,6 +869,45 @@ def favor_attention_backward(dout, cache):
     # 1. phi(Q)
     dq = features_backward(dquery_features, cache["query"])
     return dq, dk, dv
+
+
+def check_favor_inputs(q, k, v, features, kernel, eps, key_valid):
+    """Check the inputs FAVOR+ shares with its materialised form; return (features, eps, key_valid).
+
+    features comes back in q's dtype, eps with its kernel's default filled
+    in, and key_valid broadcast to (..., M).
+    """
+    check_attention_inputs(q, k, v)
+    features = check_features(features, q.shape[-1], q.dtype)
+    check_choice("kernel", kernel, KERNELS)
+    eps = DEFAULT_EPS[kernel] if eps is None else eps
+    check_real("eps", eps, minimum=0.0)
+    if key_valid is not None:
+        key_valid = check_key_valid(key_valid, k.shape[:-1])
+    return features, eps, key_valid
+
+
+def check_given_stabilisers(stabilisers, kernel, query_shape, key_shape, dtype):
+    """Check given (query c, key c) and return them broadcast to (..., N, 1) and (..., 1, 1)."""
+    if kernel != "softmax":
+        raise ValueError("stabilisers apply to the softmax kernel only; the relu kernel has none")
+    if not isinstance(stabilisers, (tuple, list)) or len(stabilisers) != 2:
+        raise ValueError(
+            f"stabilisers must be a pair (query c (..., N, 1), key c (..., 1, 1)), got {type(stabilisers).__name__}"
+        )
+    shapes = (query_shape[:-1] + (1,), key_shape[:-2] + (1, 1))
+    checked = []
+    for name, stabiliser, shape in zip(("query", "key"), stabilisers, shapes):
+        stabiliser = np.asarray(stabiliser, dtype=dtype)
+        if not np.all(np.isfinite(stabiliser)):
+            raise ValueError(f"the {name} stabiliser contains non-finite values; expected finite constants")
+        try:
+            checked.append(np.broadcast_to(stabiliser, shape))
+        except ValueError:
+            raise ValueError(
+                f"the {name} stabiliser has shape {stabiliser.shape}; expected a shape broadcastable to {shape}"
+            ) from None
+    return tuple(checked)
 
 
 def check_key_valid(key_valid, key_shape):
@@ -683,19 +929,15 @@ def approximate_attention_matrix(q, k, features, *, causal=False, key_valid=None
     Causal masking keeps j <= i + (M - N); an empty row stays zero.
     Returns the matrix (..., N, M).
     """
-    _, cache = favor_attention_forward(
-        q, k, np.zeros_like(k[..., :1]), features, causal=causal, key_valid=key_valid, kernel=kernel, eps=eps
-    )
-    query_features = cache["query"]["phi"]
-    key_features = cache["key"]["phi"]
+    features, eps, key_valid = check_favor_inputs(q, k, k, features, kernel, eps, key_valid)
+    query_features, _ = feature_map(kernel, q, features, eps, "row", None)  # (..., N, F)
+    key_features, _ = feature_map(kernel, k, features, eps, "shared", key_valid)  # (..., M, F)
     weights = query_features @ np.swapaxes(key_features, -1, -2)  # (..., N, F) @ (..., F, M) -> (..., N, M)
     if causal:
         n_queries, n_keys = q.shape[-2], k.shape[-2]
         weights *= np.arange(n_keys)[None, :] <= np.arange(n_queries)[:, None] + (n_keys - n_queries)
-    total = np.sum(weights, axis=-1, keepdims=True)  # (..., N, 1)
-    inverse = np.zeros_like(total)
-    np.divide(1.0, total, out=inverse, where=total > 0)
-    return weights * inverse
+    matrix, _ = row_normalise(weights, np.sum(weights, axis=-1, keepdims=True))
+    return matrix
 
 
 # --- the method object ----------------------------------------------------------
@@ -789,7 +1031,9 @@ def make_method(rng=None, **options):
 def gradcheck_cases(rng):
     """Return small float64 gradient-check cases (label, forward, backward, inputs, names).
 
-    The features are drawn once per case and closed over. The stabilisers are
+    The features are drawn once per case and closed over. Chunks and row
+    blocks of 3 positions make the causal scan and the bidirectional blocks
+    each take more than one step. The stabilisers are
     computed by the forward and differentiated as maxima, so a
     finite-difference step that moves c is matched by the backward. The
     large-norm cases (queries and keys scaled by 4) put most features below
@@ -806,7 +1050,7 @@ def gradcheck_cases(rng):
 
             def forward(q, k, v, causal=causal, kernel=kernel, eps=eps):
                 return favor_attention_forward(
-                    q, k, v, features, causal=causal, kernel=kernel, eps=eps, chunk_size=3,
+                    q, k, v, features, causal=causal, kernel=kernel, eps=eps, chunk_size=3, block_rows=3,
                 )
 
             label = f"{'causal' if causal else 'bidirectional'} {kernel} eps={eps:g}"

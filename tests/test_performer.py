@@ -9,6 +9,7 @@ from miniattn.methods import make_method as make_registered_method
 from miniattn.performer import (
     PerformerAttention,
     approximate_attention_matrix,
+    compute_stabiliser,
     draw_features,
     favor_attention_backward,
     favor_attention_forward,
@@ -17,6 +18,9 @@ from miniattn.performer import (
     linear_attention_forward,
     relu_kernel_features_backward,
     relu_kernel_features_forward,
+    row_blocks,
+    shared_key_stabiliser,
+    softmax_exponents,
     softmax_kernel_features_backward,
     softmax_kernel_features_forward,
 )
@@ -140,9 +144,9 @@ def test_forward_equals_materialised_matrix(rng, n_queries, n_keys, causal, kern
     features = draw_features(6, 4, rng)
     matrix = approximate_attention_matrix(q, k, features, causal=causal, kernel=kernel, eps=eps)
     expected = matrix @ v
-    for chunk_size in (1, 2, 3, 64):
+    for size in (1, 2, 3, None):
         out, _ = favor_attention_forward(
-            q, k, v, features, causal=causal, kernel=kernel, eps=eps, chunk_size=chunk_size
+            q, k, v, features, causal=causal, kernel=kernel, eps=eps, chunk_size=size or 64, block_rows=size
         )
         np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
 
@@ -207,7 +211,8 @@ def test_favor_attention_gradcheck(seed, n_queries, n_keys, causal, eps):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("eps", [1e-6, 1e-3])
 @pytest.mark.parametrize("padded", [False, True])
-def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded):
+@pytest.mark.parametrize("block_rows", [3, None])
+def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded, block_rows):
     # |q|, |k| about 12 in width 16: most features fall far below eps, so the
     # output depends on the stabilisers c, and the backward must differentiate them.
     # One head keeps every input under 256 entries, so gradcheck steps each entry
@@ -222,11 +227,54 @@ def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded):
 
     def forward(q, k, v):
         return favor_attention_forward(
-            q, k, v, features, causal=causal, eps=eps, key_valid=key_valid, chunk_size=3
+            q, k, v, features, causal=causal, eps=eps, key_valid=key_valid, chunk_size=3, block_rows=block_rows
         )
 
     result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
     result.assert_ok(1e-6)
+
+
+@pytest.mark.parametrize("kernel, eps, size", [("softmax", 1e-3, 3.0), ("softmax", 0.0, 1.0), ("relu", 1e-3, 1.0)])
+@pytest.mark.parametrize("block_rows", [1, 2, 3])
+def test_row_blocks_give_the_one_block_result(rng, kernel, eps, size, block_rows):
+    # Large norms with eps > 0 make the output depend on the shared key
+    # stabiliser, so its gradient, summed over key blocks, must reach the right key.
+    q, k, v = attention_inputs(rng, 5, 8, scale=size)
+    features = draw_features(6, 4, rng)
+    key_valid = np.ones((2, 1, 8), dtype=bool)
+    key_valid[1, :, 3:] = False  # the second sequence's last blocks are all padding
+    options = {"kernel": kernel, "eps": eps, "key_valid": key_valid}
+    expected, expected_cache = favor_attention_forward(q, k, v, features, block_rows=8, **options)
+    out, cache = favor_attention_forward(q, k, v, features, block_rows=block_rows, **options)
+    assert len(cache["blocks"][1]) == -(-8 // block_rows)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    for used, reference in zip(cache["stabilisers"], expected_cache["stabilisers"]):
+        if kernel == "relu":
+            assert used is None
+            assert reference is None
+        else:
+            np.testing.assert_allclose(used, reference, rtol=0, atol=1e-12)
+
+    dout = rng.standard_normal(out.shape)
+    for grad, reference in zip(favor_attention_backward(dout, cache), favor_attention_backward(dout, expected_cache)):
+        np.testing.assert_allclose(grad, reference, rtol=0, atol=1e-12)
+
+
+def test_blockwise_key_stabiliser_first_maximum(rng):
+    k = rng.standard_normal((2, 3, 9, 4))  # (B, H, M, D)
+    k[:, :, 7] = k[:, :, 1]  # the same key in the first and the last block: a tie across blocks
+    features = draw_features(5, 4, rng)
+    key_valid = rng.random((2, 3, 9)) < 0.7
+    key_valid[..., 1] = key_valid[..., 7] = True
+    key_valid[0, 0] = False  # a slice with no valid key gets c = 0
+    _, exponents = softmax_exponents(k, features)
+    expected, expected_argmax = compute_stabiliser(exponents, "shared", key_valid)
+    for block_rows in (1, 2, 4, 9):
+        stabiliser, argmax = shared_key_stabiliser(k, features, key_valid, row_blocks(9, block_rows))
+        np.testing.assert_array_equal(stabiliser, expected)
+        np.testing.assert_array_equal(argmax[0, 1:], expected_argmax[0, 1:])
+        np.testing.assert_array_equal(argmax[1], expected_argmax[1])
+        assert stabiliser[0, 0, 0, 0] == 0.0
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -244,8 +292,8 @@ def test_gradcheck_frozen_stabilisers(rng, causal):
     result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
     result.assert_ok(1e-6)
     _, cache = forward(q, k, v)
-    assert cache["query"]["argmax"] is None
-    assert cache["key"]["argmax"] is None
+    for used, given in zip(cache["stabilisers"], frozen):
+        np.testing.assert_array_equal(used, given)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -425,17 +473,20 @@ def test_large_norms_do_not_overflow(rng, dtype, norm, causal):
     assert out.dtype == dtype
     assert np.all(np.isfinite(out))
     assert all(np.all(np.isfinite(grad)) for grad in grads)
-    assert np.all(np.any(cache["attention"]["inverse"] > 0, axis=-1)), "every row keeps a normaliser"
+    assert np.all(cache["inverse"] > 0), "every row keeps a normaliser"
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_padding_equals_unpadded_sequence(rng, eps):
+@pytest.mark.parametrize("block_rows", [2, None])
+def test_padding_equals_unpadded_sequence(rng, eps, block_rows):
     q, k, v = attention_inputs(rng, 5, 8)
     features = draw_features(6, 4, rng)
     length = 5
     key_valid = np.arange(8) < length  # (M,)
-    padded, cache = favor_attention_forward(q, k, v, features, key_valid=key_valid, eps=eps)
-    unpadded, unpadded_cache = favor_attention_forward(q, k[..., :length, :], v[..., :length, :], features, eps=eps)
+    padded, cache = favor_attention_forward(q, k, v, features, key_valid=key_valid, eps=eps, block_rows=block_rows)
+    unpadded, unpadded_cache = favor_attention_forward(
+        q, k[..., :length, :], v[..., :length, :], features, eps=eps, block_rows=block_rows
+    )
     np.testing.assert_allclose(padded, unpadded, rtol=0, atol=1e-12)
 
     dout = rng.standard_normal(padded.shape)
@@ -464,8 +515,8 @@ def test_fully_padded_sequence_gives_zero_output_and_gradients(rng):
     features = draw_features(6, 4, rng)
     key_valid = np.ones((2, 1, 5), dtype=bool)
     key_valid[1] = False  # the second sequence has no valid key
-    for causal in (False, True):
-        out, cache = favor_attention_forward(q, k, v, features, causal=causal, key_valid=key_valid)
+    for causal, block_rows in ((False, None), (False, 2), (True, None)):
+        out, cache = favor_attention_forward(q, k, v, features, causal=causal, key_valid=key_valid, block_rows=block_rows)
         dq, dk, dv = favor_attention_backward(rng.standard_normal(out.shape), cache)
         assert np.all(out[1] == 0.0)
         assert np.all(dq[1] == 0.0)
@@ -609,6 +660,12 @@ def test_bad_options_rejected(rng):
         favor_attention_forward(q, k, v, features, kernel="cosine")
     with pytest.raises(ValueError, match="chunk_size=0"):
         favor_attention_forward(q, k, v, features, causal=True, chunk_size=0)
+    with pytest.raises(ValueError, match="block_rows=0"):
+        favor_attention_forward(q, k, v, features, block_rows=0)
+    with pytest.raises(ValueError, match="query stabiliser has shape"):
+        favor_attention_forward(q, k, v, features, stabilisers=(np.zeros((2, 2, 4, 1)), 0.0))
+    with pytest.raises(ValueError, match="key stabiliser contains non-finite"):
+        favor_attention_forward(q, k, v, features, stabilisers=(0.0, np.inf))
     with pytest.raises(ValueError, match="key_valid has shape"):
         favor_attention_forward(q, k, v, features, key_valid=np.ones(6, dtype=bool))
     with pytest.raises(TypeError, match="key_valid must be a bool"):
