@@ -29,6 +29,9 @@ from .validate import check_choice
 # forward after a dense product took 5.5 ms instead of 2.9 ms at N = 1024 on 2
 # cores. Passive waiting avoids that. The variable is read when the OpenMP
 # runtime loads with the extension below; a value the user set is kept.
+# WAIT_POLICY_SET_HERE records whether the value came from here, so that a
+# benchmark can start other programs with the user's own environment.
+WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
