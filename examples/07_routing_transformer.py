@@ -20,7 +20,7 @@ from miniattn.routing_transformer import (
     unit_rows,
     update_centroids,
 )
-from miniattn.transformer import attention_forward
+from miniattn.transformer import attention_forward, attention_probabilities
 
 rng = np.random.default_rng(0)
 n_tokens, width, n_clusters = 12, 4, 3
@@ -68,7 +68,7 @@ rows, columns = cache["query_index"][0, 0, c], cache["key_index"][0, 0, c]
 allowed = columns[None, :] <= rows[:, None]
 cluster_out, cluster_cache = attention_forward(q[0, 0, rows], k[0, 0, columns], v[0, 0, columns], mask=allowed)
 print(f"cluster {c} probabilities (rows: queries {rows}, columns: keys {columns}):")
-print(np.round(cluster_cache[3], 3))
+print(np.round(attention_probabilities(cluster_cache), 3))
 alone = counts[rows] == 1
 error = np.max(np.abs(out[0, 0, rows[alone]] - cluster_out[alone]), initial=0.0)
 print(f"check: routed output of the queries only in cluster {c} equals dense attention on the cluster, "

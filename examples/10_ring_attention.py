@@ -52,7 +52,7 @@ for step in range(P):
 out, cache = ring_attention_forward(q, k, v, n_workers=P, causal=True, block_size=2)
 expected, dense_cache = attention_forward(q, k, v, causal=True)
 scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(D)  # (1, 1, N, N)
-dense_lse = logsumexp(scores, np.broadcast_to(dense_cache[7], scores.shape))
+dense_lse = logsumexp(scores, np.broadcast_to(dense_cache["allowed"], scores.shape))
 print(f"\nmax |ring - dense| output: {np.max(np.abs(out - expected)):.1e}")
 print(f"max |ring - dense| lse:    {np.max(np.abs(cache.lse - dense_lse)):.1e}")
 print("blocks computed per worker (contiguous, causal):", [work.blocks for work in cache.work])

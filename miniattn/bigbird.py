@@ -708,7 +708,7 @@ class BigBirdAttention:
         allowed.
         """
         if cache["path"] == "full":
-            return cache["dense_cache"][7]
+            return cache["dense_cache"]["allowed"]
         shape = cache["q_shape"]
         seen = np.zeros(shape[:-1] + (shape[-2],), dtype=bool)  # (..., H, N, N)
         for prefix, indptr, indices, _ in cache["slice_caches"]:

@@ -1,7 +1,7 @@
 """Scaled dot-product and multi-head attention (Vaswani et al., 2017).
 
 Letters: B batch, H heads, N queries, M keys, D head width, C model width
-(C = H * D).
+(C = H * D), R query rows of one block.
 
 Scaled dot-product attention of queries q (..., N, D) on keys k (..., M, D)
 and values v (..., M, Dv):
@@ -23,6 +23,16 @@ Backward, given dO (the forward's four lines undone in reverse):
     dS = P * (dP - rowsum(dO * O))           rowsum(dO * O) = rowsum(P * dP)
     dq = dS k / sqrt(D),   dk = dS^T q / sqrt(D),   dbias = dS
 
+The code keeps P unnormalised: E = exp(S - row max) and its row sums l, so
+P = E / l. Then O = (E V) / l, dV = E^T (dO / l) and
+dS = E * ((dO / l) V^T - rowsum(dO * O) / l): every division by l happens
+on an (N, Dv) array instead of the (N, M) one. With V1 = [V | 1], the values
+with a column of ones appended (M, Dv + 1), one product gives both the
+numerator and the row sums, E V1 = [E V | l], and one product gives dS / E,
+[dO / l | -rowsum(dO * O) / l] V1^T. Each saves a pass over N x M. The query
+rows are processed in blocks (ROW_BLOCK), so that a block's slice of S
+stays in cache through its passes.
+
 Multi-head attention projects x_q (B, N, C) and x_kv (B, M, C) into H heads,
 attends in each head, concatenates the heads and projects back:
 
@@ -35,14 +45,14 @@ bidirectional, decoder self-attention is causal, and encoder-decoder
 cross-attention takes queries from the decoder and keys and values from the
 encoder output, with a source padding mask and no causal mask.
 
-Complexity: O(N M D) time and O(N M) memory per head, because P is stored
+Complexity: O(N M D) time and O(N M) memory per head, because E is stored
 for the backward.
 """
 
 import numpy as np
 
 from .core.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks
-from .core.softmax import softmax_inplace
+from .core.softmax import exp_shifted_inplace
 from .core.validate import (
     check_attention_inputs,
     check_choice,
@@ -67,6 +77,29 @@ def build_allowed(n_queries, n_keys, mask=None, causal=False, causal_alignment="
     """Return the combined boolean mask (padding/user mask AND causal), or None."""
     causal_part = causal_mask(n_queries, n_keys, causal_alignment) if causal else None
     return combine_masks(mask, causal_part)
+
+
+# Query rows processed at a time. Each block's slice of the N x M arrays goes
+# through all its passes (product, max, subtract, exp) while it is still in cache.
+# Forward+backward at N = M = 2048, D = 64, float32 on 2 cores took 24.2 ms
+# with blocks of 512 or 1,024 rows and 29.9 ms in one block.
+ROW_BLOCK = 512
+
+
+def row_slices(n_rows, block):
+    """Split 0..n_rows-1 into consecutive slices of at most block rows."""
+    return [slice(start, min(start + block, n_rows)) for start in range(0, n_rows, block)]
+
+
+def query_rows(array, rows):
+    """Return the query rows `rows` of an array broadcastable to (..., N, M).
+
+    An array without a query axis of its own (fewer than 2 dimensions, or
+    size 1 there) applies to every row and is returned as it is.
+    """
+    if array is None or array.ndim < 2 or array.shape[-2] == 1:
+        return array
+    return array[..., rows, :]
 
 
 def attention_forward(
@@ -94,8 +127,10 @@ def attention_forward(
 
     Returns (out, cache):
     - out: (..., N, Dv)
-    - cache: q, k, v, the probabilities P (..., N, M), out, scale, the bias
-      shape and the combined boolean mask (None when every key is allowed)
+    - cache: a dict with q, k, v, the scaled queries, the unnormalised weights
+      E = exp(S - row max) (..., N, M) and their row sums l (..., N, 1), out,
+      the scale, the bias shape and the combined boolean mask "allowed" (None
+      when every key is allowed). attention_probabilities(cache) returns P = E / l.
     """
     check_attention_inputs(q, k, v)
     n_queries, n_keys, width = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -113,50 +148,96 @@ def attention_forward(
     elif bias_grad:
         raise ValueError("bias_grad=True needs a bias array")
 
-    # 1. Scores: every query against every key. Scaling q (N x D) instead of
-    # the scores (N x M) gives the same numbers and saves a pass over N x M.
-    scores = (q * q.dtype.type(scale)) @ np.swapaxes(k, -1, -2)  # (..., N, D) @ (..., D, M) -> (..., N, M)
-    if bias is not None:
-        scores += bias
-
-    # 2. Probabilities: softmax over the allowed keys, in place.
     allowed = build_allowed(n_queries, n_keys, mask, causal, causal_alignment)
-    probs = softmax_inplace(scores, allowed)  # (..., N, M)
+    # Scaling q (N x D) instead of the scores (N x M) gives the same numbers
+    # and saves a pass over N x M.
+    q_scaled = q * q.dtype.type(scale)  # (..., N, D)
+    k_transposed = np.swapaxes(k, -1, -2)  # (..., D, M)
+    values_ones = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1)  # V1 = [V | 1]: (..., M, Dv + 1)
+    weights = np.empty(scores_shape, dtype=q.dtype)  # E: (..., N, M)
+    row_sums = np.empty(q.shape[:-1] + (1,), dtype=q.dtype)  # l: (..., N, 1)
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)  # (..., N, Dv)
 
-    # 3. Output: probability-weighted sum of the values.
-    out = probs @ v  # (..., N, M) @ (..., M, Dv) -> (..., N, Dv)
+    row_block = ROW_BLOCK
+    for rows in row_slices(n_queries, row_block):
+        block = weights[..., rows, :]  # a view: the block is computed in place in E
 
-    bias_shape = bias.shape if bias_grad else None
-    cache = (q, k, v, probs, out, scale, bias_shape, allowed)
+        # 1. Scores of these queries against every key.
+        np.matmul(q_scaled[..., rows, :], k_transposed, out=block)  # (..., R, D) @ (..., D, M) -> (..., R, M)
+        if bias is not None:
+            block += query_rows(bias, rows)
+
+        # 2. Unnormalised weights E = exp(S - row max) over the allowed keys.
+        exp_shifted_inplace(block, query_rows(allowed, rows))
+
+        # 3. Output P V = (E V) / l, with E V and l = rowsum(E) from one product.
+        # Dividing the (R, Dv) product by l replaces a division of the (R, M) block.
+        numerator_sums = block @ values_ones  # (..., R, M) @ (..., M, Dv + 1) -> (..., R, Dv + 1)
+        block_sums = numerator_sums[..., -1:]  # l: (..., R, 1)
+        block_sums[block_sums == 0] = 1.0  # a row with no allowed key keeps E = 0 and O = 0
+        row_sums[..., rows, :] = block_sums
+        out[..., rows, :] = numerator_sums[..., :-1] / block_sums
+
+    cache = {
+        "q": q, "k": k, "v": v, "q_scaled": q_scaled, "values_ones": values_ones,
+        "weights": weights, "row_sums": row_sums,
+        "out": out, "scale": scale, "bias_shape": bias.shape if bias_grad else None, "allowed": allowed,
+        "row_block": row_block,
+    }
     return out, cache
+
+
+def attention_probabilities(cache):
+    """Return the attention probabilities P = E / l (..., N, M) from an attention_forward cache."""
+    return cache["weights"] / cache["row_sums"]
 
 
 def attention_backward(dout, cache):
     """Backward of attention_forward.
 
-    The cache holds q, k, v, P, out, scale, the bias shape and the combined
-    mask (kept for inspection); nothing is
-    recomputed. Returns (dq, dk, dv), or (dq, dk, dv, dbias) when the forward
-    was called with bias_grad=True. Masked entries have P = 0, so they get no
-    gradient, and fully masked rows get zero gradients.
+    The cache contains the unnormalised weights E and their row sums l, so
+    P = E / l, and nothing is recomputed. The division by l is moved onto
+    the (N, Dv) side: with dO' = dO / l and r' = rowsum(dO * O) / l,
+
+        dV = P^T dO = E^T dO',   dS = P * (dP - rowsum(dO * O)) = E * (dO' V^T - r').
+
+    Returns (dq, dk, dv), or (dq, dk, dv, dbias) when the forward was called
+    with bias_grad=True. Masked entries have E = 0, so they get no gradient,
+    and fully masked rows get zero gradients.
     """
-    q, k, v, probs, out, scale, bias_shape, _ = cache
+    weights, row_sums, out = cache["weights"], cache["row_sums"], cache["out"]
+    q, k, v, q_scaled = cache["q"], cache["k"], cache["v"], cache["q_scaled"]
+    scale = q.dtype.type(cache["scale"])
+    dout_scaled = dout / row_sums  # dO': (..., N, Dv)
+    row_dot = np.sum(dout * out, axis=-1, keepdims=True) / row_sums  # r': (..., N, 1)
+    # [dO' | -r'] V1^T = dO' V^T - r' 1^T: the subtraction comes out of the product.
+    dout_row_dot = np.concatenate([dout_scaled, -row_dot], axis=-1)  # (..., N, Dv + 1)
 
-    # 3. out = probs @ v
-    dv = np.swapaxes(probs, -1, -2) @ dout  # (..., M, N) @ (..., N, Dv) -> (..., M, Dv)
-    dscores = dout @ np.swapaxes(v, -1, -2)  # dP: (..., N, Dv) @ (..., Dv, M) -> (..., N, M)
+    # 3. out = (E V) / l: dV = E^T dO', one product over all rows.
+    dv = np.swapaxes(weights, -1, -2) @ dout_scaled  # (..., M, N) @ (..., N, Dv) -> (..., M, Dv)
 
-    # 2. probs = softmax(scores): dS = P * (dP - rowsum(dO * O)), computed in place in dscores.
-    row_dot = np.sum(dout * out, axis=-1, keepdims=True)  # (..., N, 1)
-    dscores -= row_dot
-    dscores *= probs
+    k_scaled = k * scale  # (..., M, D)
+    values_ones_transposed = np.swapaxes(cache["values_ones"], -1, -2)  # V1^T: (..., Dv + 1, M)
+    dq = np.empty_like(q)
+    dk = np.zeros_like(k)
+    if cache["bias_shape"] is not None:
+        dscores = np.empty_like(weights)  # every block of dS is kept for dbias
+    else:
+        dscores = np.empty(weights.shape[:-2] + (min(cache["row_block"], q.shape[-2]), k.shape[-2]), dtype=q.dtype)
+    for rows in row_slices(q.shape[-2], cache["row_block"]):
+        size = rows.stop - rows.start
+        block = dscores[..., rows, :] if cache["bias_shape"] is not None else dscores[..., :size, :]
 
-    # 1. scores = q k^T * scale + bias
-    scale = q.dtype.type(scale)
-    dq = dscores @ (k * scale)  # (..., N, M) @ (..., M, D) -> (..., N, D)
-    dk = np.swapaxes(dscores, -1, -2) @ (q * scale)  # (..., M, N) @ (..., N, D) -> (..., M, D)
-    if bias_shape is not None:
-        return dq, dk, dv, reduce_to_shape(dscores, bias_shape)
+        # 2. dS = E * (dO' V^T - r') = E * ([dO' | -r'] V1^T), in place in the block.
+        np.matmul(dout_row_dot[..., rows, :], values_ones_transposed, out=block)  # (..., R, Dv + 1) @ (..., Dv + 1, M)
+        block *= weights[..., rows, :]
+
+        # 1. S = q k^T * scale + bias: dq = dS k scale, dk = dS^T q scale.
+        np.matmul(block, k_scaled, out=dq[..., rows, :])  # (..., R, M) @ (..., M, D) -> (..., R, D)
+        dk += np.swapaxes(block, -1, -2) @ q_scaled[..., rows, :]  # (..., M, R) @ (..., R, D) -> (..., M, D)
+
+    if cache["bias_shape"] is not None:
+        return dq, dk, dv, reduce_to_shape(dscores, cache["bias_shape"])
     return dq, dk, dv
 
 
@@ -343,7 +424,7 @@ class DenseAttention:
         return attention_backward(dout, cache)
 
     def keys_seen(self, cache):
-        return cache[7]
+        return cache["allowed"]
 
 
 def make_method(rng=None, **options):

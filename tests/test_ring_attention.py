@@ -47,7 +47,7 @@ def assert_matches_dense(q, k, v, out, lse, grads, dout, *, causal, mask=None):
     expected, dense_cache = attention_forward(q, k, v, causal=causal, mask=mask)
     np.testing.assert_allclose(out, expected, rtol=TOL, atol=TOL)
     scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # (..., N, M)
-    allowed = dense_cache[7]
+    allowed = dense_cache["allowed"]
     expected_lse = logsumexp(scores, None if allowed is None else np.broadcast_to(allowed, scores.shape))
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected_lse))
     finite = np.isfinite(expected_lse)

@@ -5,11 +5,13 @@ import pytest
 
 from miniattn import gradcheck
 from miniattn.core.masks import causal_mask, padding_mask
+from miniattn import transformer
 from miniattn.transformer import (
     MHA_PARAM_NAMES,
     DenseAttention,
     attention_backward,
     attention_forward,
+    attention_probabilities,
     init_mha_params,
     mha_backward,
     mha_forward,
@@ -79,6 +81,55 @@ def test_attention_bias_gradcheck(rng):
         rng=rng,
     )
     result.assert_ok(TOL)
+
+
+@pytest.mark.parametrize("row_block", [1, 2, 3])
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 7, 5), (2, 1, 1, 5)])
+def test_row_blocks_equal_one_block(rng, monkeypatch, row_block, bias_shape):
+    # Causal with N > M leaves the first two rows fully masked, and the padding
+    # mask broadcasts over the query rows, so blocks meet both kinds of mask.
+    q, k, v = random_qkv(rng, 7, 5)
+    mask = padding_mask(np.array([5, 3]), 5)  # (2, 1, 1, 5)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape)
+    options = {"mask": mask, "causal": True, "bias": bias, "bias_grad": bias is not None}
+    dout = rng.standard_normal((2, 3, 7, 5))
+    expected, expected_cache = attention_forward(q, k, v, **options)
+    expected_grads = attention_backward(dout, expected_cache)
+
+    monkeypatch.setattr(transformer, "ROW_BLOCK", row_block)
+    out, cache = attention_forward(q, k, v, **options)
+    grads = attention_backward(dout, cache)
+    assert cache["row_block"] == row_block
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        attention_probabilities(cache), attention_probabilities(expected_cache), rtol=0, atol=1e-12
+    )
+    assert len(grads) == len(expected_grads)
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-12)
+    assert np.all(out[..., :2, :] == 0.0)
+
+
+def test_attention_gradcheck_in_row_blocks(rng, monkeypatch):
+    monkeypatch.setattr(transformer, "ROW_BLOCK", 2)
+    q, k, v = random_qkv(rng, 5, 4, batch=(2, 2))
+    bias = rng.standard_normal((5, 4))
+    result = gradcheck(
+        lambda q, k, v, bias: attention_forward(q, k, v, bias=bias, bias_grad=True, causal=True),
+        attention_backward,
+        [q, k, v, bias],
+        names=["q", "k", "v", "bias"],
+        rng=rng,
+    )
+    result.assert_ok(TOL)
+
+
+def test_probabilities_rows_sum_to_one(rng):
+    q, k, v = random_qkv(rng, 5, 3)
+    _, cache = attention_forward(q, k, v, causal=True)  # the first 2 queries see no key
+    probs = attention_probabilities(cache)
+    np.testing.assert_allclose(np.sum(probs[..., 2:, :], axis=-1), 1.0, rtol=1e-12)
+    assert np.all(probs[..., :2, :] == 0.0)
 
 
 def test_attention_top_left_alignment_differs_when_n_differs_from_m(rng):

@@ -37,7 +37,7 @@ from ..routing_transformer import (
     routing_keys_seen,
     update_centroids,
 )
-from ..transformer import attention_backward, attention_forward
+from ..transformer import attention_backward, attention_forward, attention_probabilities
 from .harness import best_time, fit_loglog_slope, format_table, machine_description, write_json
 
 
@@ -71,7 +71,7 @@ def fit_centroids(rng, q, k, n_clusters, steps=10, decay=0.5):
 def coverage(q, k, v, centroids, causal):
     """Return (mass covered, mass covered per routed query, fraction routed, fraction of keys seen)."""
     _, dense_cache = attention_forward(q, k, v, causal=causal)
-    probabilities = dense_cache[3]  # (1, 1, N, M)
+    probabilities = attention_probabilities(dense_cache)  # (1, 1, N, M)
     _, cache = routing_attention_forward(q, k, v, centroids, causal=causal)
     seen = routing_keys_seen(cache)  # (1, 1, N, M)
     n_queries, n_keys = q.shape[2], k.shape[2]

@@ -30,7 +30,7 @@ from ..benchmarks.harness import best_time, format_bytes, format_table, peak_mem
 from ..core.kernels import backend
 from ..methods import METHODS, info, is_implemented, make_method
 from ..training import build_model, cache_dir, load_checkpoint, load_corpus, model_config, save_checkpoint, train
-from ..transformer import attention_forward
+from ..transformer import attention_forward, attention_probabilities
 from .gradcheck import run_method, worst_error
 from .train import Progress, report_plots
 
@@ -114,11 +114,11 @@ def run_one(name, q, k, v, causal_preferred, repeat, seed):
         causal = not causal_preferred  # e.g. a method defined only bidirectionally
         out, cache = method.forward(q, k, v, causal=causal)
     exact, exact_cache = attention_forward(q, k, v, causal=causal)
-    probs = exact_cache[3]  # (1, H, N, M) exact attention probabilities
+    probs = attention_probabilities(exact_cache)  # (1, H, N, M) exact attention probabilities
 
     seen = method.keys_seen(cache)
     if seen is None:  # every allowed key takes part
-        allowed = exact_cache[7]
+        allowed = exact_cache["allowed"]
         seen = np.ones(probs.shape, dtype=bool) if allowed is None else allowed
     seen = np.broadcast_to(seen, probs.shape)
     mass_kept = float(np.mean(np.sum(np.where(seen, probs, 0.0), axis=-1)))

@@ -30,12 +30,12 @@ def stable_row_max(x, allowed=None):
     return row_max
 
 
-def softmax_inplace(scores, allowed=None):
-    """Overwrite scores (..., M) with their softmax over the last axis; return it.
+def exp_shifted_inplace(scores, allowed=None):
+    """Overwrite scores (..., M) with exp(scores - row max) over allowed entries; return it.
 
     Disallowed entries are set to -inf first, so exp() turns them into exact
-    zeros. Working in place keeps the peak memory of attention at one (N, M)
-    array per batch entry instead of several.
+    zeros, and a row with no allowed entry becomes all zeros. Dividing each
+    row by its sum gives the softmax.
     """
     if allowed is not None:
         np.copyto(scores, -np.inf, where=~allowed)
@@ -43,6 +43,17 @@ def softmax_inplace(scores, allowed=None):
     row_max[~np.isfinite(row_max)] = 0.0  # empty row: avoid (-inf) - (-inf) = NaN
     scores -= row_max
     np.exp(scores, out=scores)  # exponents <= 0 on allowed entries, exp(-inf) = 0 elsewhere
+    return scores
+
+
+def softmax_inplace(scores, allowed=None):
+    """Overwrite scores (..., M) with their softmax over the last axis; return it.
+
+    Disallowed entries get probability 0, and a row with no allowed entry
+    becomes all zeros. Working in place keeps the peak memory of attention at
+    one (N, M) array per batch entry instead of several.
+    """
+    exp_shifted_inplace(scores, allowed)
     row_sum = np.sum(scores, axis=-1, keepdims=True)  # (..., 1)
     row_sum[row_sum == 0] = 1.0  # an empty row stays 0 instead of 0/0
     scores /= row_sum

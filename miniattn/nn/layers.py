@@ -17,7 +17,14 @@ import numpy as np
 from ..core.kernels import gather_rows, scatter_add_rows
 from ..core.validate import check_choice, check_generator, check_int, check_real
 from ..methods import make_method
-from ..transformer import DenseAttention, init_mha_params, mha_backward, mha_forward, split_heads
+from ..transformer import (
+    DenseAttention,
+    attention_probabilities,
+    init_mha_params,
+    mha_backward,
+    mha_forward,
+    split_heads,
+)
 from . import functional as F
 from .module import Module, check_dtype, check_input
 
@@ -304,7 +311,7 @@ class MultiHeadAttention(Module):
                 f"attention_probabilities needs dense attention; this layer uses "
                 f"{getattr(attention, 'name', type(attention).__name__)!r}, whose cache holds no (N, M) matrix"
             )
-        return attention_cache[3]
+        return attention_probabilities(attention_cache)
 
 
 # --- loss --------------------------------------------------------------------------------------
