@@ -70,9 +70,14 @@ def test_attention_gradcheck(n, m, causal, seed):
     result.assert_ok(TOL)
 
 
-def test_attention_bias_gradcheck(rng):
-    q, k, v = random_qkv(rng, 3, 5)
-    bias = rng.standard_normal((1, 3, 3, 5))
+@pytest.mark.parametrize(
+    "row_block, n, m, bias_shape", [(None, 3, 5, (1, 3, 3, 5)), (2, 5, 4, (5, 4))]
+)  # None: the default block, larger than N
+def test_attention_bias_gradcheck(rng, monkeypatch, row_block, n, m, bias_shape):
+    if row_block is not None:
+        monkeypatch.setattr(transformer, "ROW_BLOCK", row_block)
+    q, k, v = random_qkv(rng, n, m)
+    bias = rng.standard_normal(bias_shape)
     result = gradcheck(
         lambda q, k, v, bias: attention_forward(q, k, v, bias=bias, bias_grad=True, causal=True),
         attention_backward,
@@ -108,20 +113,6 @@ def test_row_blocks_equal_one_block(rng, monkeypatch, row_block, bias_shape):
     for grad, expected_grad in zip(grads, expected_grads):
         np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-12)
     assert np.all(out[..., :2, :] == 0.0)
-
-
-def test_attention_gradcheck_in_row_blocks(rng, monkeypatch):
-    monkeypatch.setattr(transformer, "ROW_BLOCK", 2)
-    q, k, v = random_qkv(rng, 5, 4, batch=(2, 2))
-    bias = rng.standard_normal((5, 4))
-    result = gradcheck(
-        lambda q, k, v, bias: attention_forward(q, k, v, bias=bias, bias_grad=True, causal=True),
-        attention_backward,
-        [q, k, v, bias],
-        names=["q", "k", "v", "bias"],
-        rng=rng,
-    )
-    result.assert_ok(TOL)
 
 
 def test_probabilities_rows_sum_to_one(rng):
