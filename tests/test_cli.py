@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from miniattn.benchmarks.harness import crossover
 from miniattn.cli import main
 from miniattn.methods import METHODS
 
@@ -46,7 +47,13 @@ def test_gradcheck_unknown_method_names_the_choices(capsys):
     "argv, message",
     [
         (["bench", "--methods", "flash"], "unknown attention method 'flash'"),
-        (["bench", "--repeat", "0", "--n", "64"], "--repeat=0 is invalid"),
+        (["bench", "--repeat", "0", "--n", "64"], "argument --repeat: 0 is invalid"),
+        (["bench", "--n", "abc"], "argument --n: 'abc' is not an integer"),
+        (["bench", "--n", "64,0"], "argument --n: 0 is invalid"),
+        (["bench", "--d", "0", "--n", "64"], "argument --d: 0 is invalid"),
+        (["bench", "--suite", "dense", "--n", "0"], "argument --n: 0 is invalid"),
+        (["bench", "--suite", "dense", "--quick", "--n", "64"], "leave out --n and --repeat"),
+        (["bench", "--suite", "performer", "--width", "0"], "argument --width: 0 is invalid"),
         (["gradcheck", "--tol", "-1"], "--tol=-1.0 is invalid"),
         (["ring", "--timeout", "0"], "--timeout=0.0 is invalid"),
     ],
@@ -87,3 +94,17 @@ def test_tour_runs_and_ends_with_table(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "keys seen" in out
     assert out.strip().splitlines()[-1].startswith("2017")
+
+
+@pytest.mark.parametrize(
+    "method, baseline, expected",
+    [
+        ([1.0, 3.0, 3.0], [2.0, 2.0, 4.0], 4),  # a win at the smallest N followed by a loss does not count
+        ([3.0, 1.0, 1.0], [2.0, 2.0, 2.0], 2),
+        ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], 1),
+        ([3.0, 3.0, 1.0], [2.0, 2.0, 2.0], 4),
+        ([3.0, 1.0, 3.0], [2.0, 2.0, 2.0], None),
+    ],
+)
+def test_crossover_needs_every_larger_size(method, baseline, expected):
+    assert crossover([1, 2, 4], method, baseline) == expected

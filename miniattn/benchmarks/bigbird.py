@@ -26,6 +26,7 @@ from ..bigbird import make_method as make_bigbird
 from ..core.kernels import available_backends, backend as default_backend
 from ..transformer import DenseAttention
 from .harness import (
+    positive_int,
     best_time,
     crossover,
     fit_loglog_slope,
@@ -46,13 +47,13 @@ def parse_args(argv):
         prog="python -m miniattn bench --suite bigbird",
         description="Time and peak memory of BigBird block-sparse attention against dense attention.",
     )
-    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths N (default 512 .. 65536)")
-    parser.add_argument("--block-size", type=int, default=32, help="block size b in tokens (default 32)")
-    parser.add_argument("--random-blocks", type=int, default=3, help="random blocks R per query block (default 3)")
-    parser.add_argument("--width", type=int, default=64, help="head width D (default 64)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", help="sequence lengths N (default 512 .. 65536)")
+    parser.add_argument("--block-size", type=positive_int, default=32, help="block size b in tokens (default 32)")
+    parser.add_argument("--random-blocks", type=positive_int, default=3, help="random blocks R per query block (default 3)")
+    parser.add_argument("--width", type=positive_int, default=64, help="head width D (default 64)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="input dtype")
-    parser.add_argument("--dense-max", type=int, default=8192, help="largest N run with dense attention (default 8192)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement; the minimum is kept")
+    parser.add_argument("--dense-max", type=positive_int, default=8192, help="largest N run with dense attention (default 8192)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed calls per measurement; the minimum is kept")
     parser.add_argument("--backend", choices=("numpy", "cython"), help="sparse kernel backend (default: the active one)")
     parser.add_argument("--quick", action="store_true", help="N = 512 .. 8192 and one repeat")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")

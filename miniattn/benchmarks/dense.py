@@ -26,7 +26,16 @@ import numpy as np
 from ..core import kernels
 from ..core.kernels import backend
 from ..transformer import attention_backward, attention_forward
-from .harness import best_time, format_bytes, format_table, machine_description, peak_memory, write_json
+from .harness import (
+    best_time,
+    format_bytes,
+    format_table,
+    machine_description,
+    peak_memory,
+    positive_int,
+    positive_int_list,
+    write_json,
+)
 
 
 def matmul_only_time(q, k, v, dout, repeat):
@@ -132,17 +141,22 @@ def measure(n, width, dtype, causal, repeat, rng):
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite dense", description=__doc__.split("\n")[0])
-    parser.add_argument("--n", default="512,1024,2048,4096,8192", help="comma-separated N (default 512..8192)")
-    parser.add_argument("--d", type=int, default=64, help="head width D (default 64)")
+    parser.add_argument("--n", type=positive_int_list, help="comma-separated N (default 512,1024,2048,4096,8192)")
+    parser.add_argument("--d", type=positive_int, default=64, help="head width D (default 64)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--causal", action="store_true", help="causal attention (default bidirectional)")
-    parser.add_argument("--repeat", type=int, default=5, help="timing repeats, minimum reported (default 5)")
-    parser.add_argument("--quick", action="store_true", help="only N = 512 and 2048, 3 repeats")
+    parser.add_argument("--repeat", type=positive_int, help="timing repeats, minimum reported (default 5)")
+    parser.add_argument("--quick", action="store_true", help="only N = 512 and 2048, 3 repeats (not with --n or --repeat)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    sizes = [512, 2048] if args.quick else [int(item) for item in args.n.split(",")]
-    repeat = 3 if args.quick else args.repeat
+    if args.quick and (args.n is not None or args.repeat is not None):
+        parser.error("--quick sets N and the repeats itself; leave out --n and --repeat, or --quick")
+    if args.quick:
+        sizes, repeat = [512, 2048], 3
+    else:
+        sizes = args.n or [512, 1024, 2048, 4096, 8192]
+        repeat = args.repeat or 5
     rng = np.random.default_rng(0)
     print(f"machine: {machine_description()}, kernels: {backend()}")
     print(f"dense attention, (1, 1, N, {args.d}) {args.dtype}, {'causal' if args.causal else 'bidirectional'}, best of {repeat}")

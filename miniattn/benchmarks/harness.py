@@ -7,6 +7,7 @@ tracemalloc peak of the Python and NumPy allocations made during one call
 counted.
 """
 
+import argparse
 import json
 import time
 import tracemalloc
@@ -58,11 +59,38 @@ def fit_loglog_slope(sizes, values):
 
 
 def crossover(sizes, method_values, baseline_values):
-    """Return the first size at which method_values < baseline_values, or None."""
+    """Return the smallest size from which method_values stay below baseline_values, or None.
+
+    sizes are increasing. A size counts only when the method is also below
+    the baseline at every larger size, so an early win followed by losses is
+    not a crossover.
+    """
+    first = None
     for size, method_value, baseline_value in zip(sizes, method_values, baseline_values):
         if method_value < baseline_value:
-            return size
-    return None
+            first = size if first is None else first
+        else:
+            first = None
+    return first
+
+
+def positive_int(text):
+    """Parse a command-line integer >= 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; expected a positive integer")
+    return value
+
+
+def positive_int_list(text):
+    """Parse comma-separated integers >= 1, such as "512,1024" (an argparse type)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated positive integers")
+    return [positive_int(item) for item in items]
 
 
 def format_bytes(count):

@@ -26,6 +26,7 @@ import numpy as np
 from ..performer import draw_features, favor_attention_backward, favor_attention_forward
 from ..transformer import attention_backward, attention_forward
 from .harness import (
+    positive_int,
     best_time,
     crossover,
     fit_loglog_slope,
@@ -188,7 +189,7 @@ def run_cost(args, report):
     for name in ("favor", "favor_causal"):
         method_times = [t for n, t in zip(measured[name]["n"], measured[name]["time"]) if n in dense_sizes]
         overtakes[name] = crossover(dense_sizes, method_times, measured["dense"]["time"])
-        print(f"  {name} is first faster than dense attention at N = {overtakes[name]}")
+        print(f"  {name} is faster than dense attention from N = {overtakes[name]} on")
     report["cost"] = {
         "num_features": args.num_features, "width": args.width, "dtype": "float32",
         "measured": measured, "exponents": exponents, "overtakes_dense_at": overtakes,
@@ -203,12 +204,12 @@ def main(argv=None):
     parser.add_argument("--qkv", metavar="FILE.npz", help="quality inputs from saved arrays q, k, v (..., N, D)")
     parser.add_argument("--part", choices=("all", "quality", "cost"), default="all", help="which part to run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs and features")
-    parser.add_argument("--width", type=int, default=64, help="head width D")
-    parser.add_argument("--num-features", type=int, default=256, help="F for the cost part")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per point; the best is kept")
-    parser.add_argument("--dense-max-n", type=int, default=16384,
+    parser.add_argument("--width", type=positive_int, default=64, help="head width D")
+    parser.add_argument("--num-features", type=positive_int, default=256, help="F for the cost part")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed calls per point; the best is kept")
+    parser.add_argument("--dense-max-n", type=positive_int, default=16384,
                         help="largest N for dense attention (its float32 N x N matrix takes 4 N^2 bytes)")
-    parser.add_argument("--fit-from", type=int, default=4096, help="smallest N in the exponent fits")
+    parser.add_argument("--fit-from", type=positive_int, default=4096, help="smallest N in the exponent fits")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths = [512, 1024, 2048, 4096, 8192]

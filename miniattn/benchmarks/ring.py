@@ -29,7 +29,7 @@ import numpy as np
 from ..core.online_softmax import blockwise_attention_forward
 from ..ring import simulate
 from ..transformer import attention_forward
-from .harness import format_bytes, format_table, machine_description, peak_memory, write_json
+from .harness import format_bytes, format_table, machine_description, peak_memory, positive_int, write_json
 
 GIB = 2**30
 
@@ -184,14 +184,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m miniattn.benchmarks.ring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes that finish in well under a minute")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--width", type=int, default=64, help="head width D (default 64)")
-    parser.add_argument("--max-length", type=int, default=131072, help="largest N of the memory sweep (default 131072)")
+    parser.add_argument("--width", type=positive_int, default=64, help="head width D (default 64)")
+    parser.add_argument("--max-length", type=positive_int, default=131072, help="largest N of the memory sweep (default 131072)")
     parser.add_argument("--dense-limit", type=float, default=2.0, help="run dense attention while one score matrix is at most this many GiB (default 2)")
-    parser.add_argument("--speed-length", type=int, default=16384, help="N of the ring memory and speed-up runs (default 16384)")
-    parser.add_argument("--block-size", type=int, default=1024, help="online-softmax tile size (default 1024)")
-    parser.add_argument("--ring-block-size", type=int, default=256,
+    parser.add_argument("--speed-length", type=positive_int, default=16384, help="N of the ring memory and speed-up runs (default 16384)")
+    parser.add_argument("--block-size", type=positive_int, default=1024, help="online-softmax tile size (default 1024)")
+    parser.add_argument("--ring-block-size", type=positive_int, default=256,
                         help="tile size in the ring memory sweep, small so that the blocks, not the tile, dominate (default 256)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per P in the speed-up, best kept (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per P in the speed-up, best kept (default 3)")
     parser.add_argument("--sections", default="1234", help="which of the four measurements to run, e.g. 34 (default 1234)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -38,7 +38,7 @@ from ..routing_transformer import (
     update_centroids,
 )
 from ..transformer import attention_backward, attention_forward, attention_probabilities
-from .harness import best_time, fit_loglog_slope, format_table, machine_description, write_json
+from .harness import best_time, fit_loglog_slope, format_table, machine_description, positive_int, write_json
 
 
 def clustered_inputs(rng, n_tokens, width, n_topics, noise=0.3):
@@ -157,14 +157,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--width", type=int, default=64, help="head width D (default 64)")
-    parser.add_argument("--coverage-n", type=int, default=None, help="sequence length of the coverage run (default 1024, quick 256)")
-    parser.add_argument("--topics", type=int, default=16, help="directions in the clustered input (default 16)")
+    parser.add_argument("--width", type=positive_int, default=64, help="head width D (default 64)")
+    parser.add_argument("--coverage-n", type=positive_int, default=None, help="sequence length of the coverage run (default 1024, quick 256)")
+    parser.add_argument("--topics", type=positive_int, default=16, help="directions in the clustered input (default 16)")
     parser.add_argument("--causal", action="store_true", help="causal attention (default bidirectional)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None,
                         help="sequence lengths of the timing run (default 256 .. 8192, quick 128 .. 1024)")
-    parser.add_argument("--dense-max", type=int, default=4096, help="largest N timed for dense attention (default 4096)")
-    parser.add_argument("--repeat", type=int, default=3, help="timing repeats, the minimum is kept (default 3)")
+    parser.add_argument("--dense-max", type=positive_int, default=4096, help="largest N timed for dense attention (default 4096)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timing repeats, the minimum is kept (default 3)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or CPU time of this process (steadier on a shared machine; default wall)")
     args = parser.parse_args(argv)

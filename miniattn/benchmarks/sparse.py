@@ -41,6 +41,7 @@ from ..sparse_transformer import default_stride
 from ..sparse_transformer import make_method as make_sparse_transformer
 from ..transformer import DenseAttention
 from .harness import (
+    positive_int,
     best_time,
     crossover,
     fit_loglog_slope,
@@ -62,16 +63,16 @@ def parse_args(argv):
         description="Time and peak memory of Longformer and Sparse Transformer attention against dense "
         "attention, and the compiled sparse kernel against its NumPy twin.",
     )
-    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths N (default 2048 .. 65536)")
-    parser.add_argument("--window", type=int, default=128, help="Longformer one-sided window w (default 128)")
-    parser.add_argument("--stride", type=int, default=256, help="Sparse Transformer local stride l (default 256)")
-    parser.add_argument("--width", type=int, default=64, help="head width D (default 64)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", help="sequence lengths N (default 2048 .. 65536)")
+    parser.add_argument("--window", type=positive_int, default=128, help="Longformer one-sided window w (default 128)")
+    parser.add_argument("--stride", type=positive_int, default=256, help="Sparse Transformer local stride l (default 256)")
+    parser.add_argument("--width", type=positive_int, default=64, help="head width D (default 64)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="input dtype")
-    parser.add_argument("--dense-max", type=int, default=8192, help="largest N run with dense attention (default 8192)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement; the minimum is kept")
+    parser.add_argument("--dense-max", type=positive_int, default=8192, help="largest N run with dense attention (default 8192)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed calls per measurement; the minimum is kept")
     parser.add_argument("--backend", choices=("numpy", "cython"), help="sparse kernel backend (default: the active one)")
-    parser.add_argument("--twin-size", type=int, default=16384, help="N of the kernel comparison (default 16384)")
-    parser.add_argument("--twin-keys", type=int, default=256, help="keys per query W of the kernel comparison")
+    parser.add_argument("--twin-size", type=positive_int, default=16384, help="N of the kernel comparison (default 16384)")
+    parser.add_argument("--twin-keys", type=positive_int, default=256, help="keys per query W of the kernel comparison")
     parser.add_argument("--skip-twin", action="store_true", help="skip the compiled-versus-NumPy comparison")
     parser.add_argument("--quick", action="store_true", help="N = 2048 .. 8192, one repeat, twin at N = 4096")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")

@@ -32,7 +32,7 @@ from ..transformer_xl import (
     process_segments,
     recurrence_mask,
 )
-from .harness import best_time, format_table, machine_description, write_json
+from .harness import best_time, format_table, machine_description, positive_int, write_json
 
 
 def make_params(n_layers, width, n_heads, rng, dtype):
@@ -117,16 +117,16 @@ def time_row(segment_len, mem_len, n_layers, width, n_heads, dtype, repeat, rng)
 
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite transformer_xl", description=__doc__.split("\n")[0])
-    parser.add_argument("--segment", type=int, default=8, help="segment length N of the reach study (default 8)")
-    parser.add_argument("--length", type=int, default=64, help="sequence length T of the reach study (default 64)")
+    parser.add_argument("--segment", type=positive_int, default=8, help="segment length N of the reach study (default 8)")
+    parser.add_argument("--length", type=positive_int, default=64, help="sequence length T of the reach study (default 64)")
     parser.add_argument("--layers", default="1,2,3", help="comma-separated layer counts of the reach study (default 1,2,3)")
     parser.add_argument("--mem", default="0,4,8,16", help="comma-separated mem_len of the reach study (default 0,4,8,16)")
     parser.add_argument("--time-n", default="64,128", help="comma-separated segment lengths N to time (default 64,128)")
-    parser.add_argument("--width", type=int, default=128, help="model width C of the timing (default 128)")
-    parser.add_argument("--heads", type=int, default=4, help="number of heads H of the timing (default 4)")
-    parser.add_argument("--time-layers", type=int, default=2, help="layers of the timed model (default 2)")
+    parser.add_argument("--width", type=positive_int, default=128, help="model width C of the timing (default 128)")
+    parser.add_argument("--heads", type=positive_int, default=4, help="number of heads H of the timing (default 4)")
+    parser.add_argument("--time-layers", type=positive_int, default=2, help="layers of the timed model (default 2)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="timing dtype (default float32)")
-    parser.add_argument("--repeat", type=int, default=5, help="timing repeats, minimum reported (default 5)")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timing repeats, minimum reported (default 5)")
     parser.add_argument("--quick", action="store_true", help="small run: 1-2 layers, T = 32, N = 64 only, 3 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)

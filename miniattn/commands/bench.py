@@ -19,6 +19,8 @@ import numpy as np
 
 from .. import benchmarks, plots
 from ..benchmarks.harness import (
+    positive_int,
+    positive_int_list,
     best_time,
     crossover,
     fit_loglog_slope,
@@ -132,15 +134,17 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="python -m miniattn bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--suite",
-        help=f"run a benchmark suite instead of the sweep, passing it the other options; one of: {', '.join(suite_names())}",
+        help=f"run a benchmark suite instead of the sweep; one of: {', '.join(suite_names())}. The suite has "
+        f"options of its own (see bench --suite NAME --help), and the sweep's options do not apply to it",
     )
     parser.add_argument("--methods", default="", help="comma-separated method names (default: every implemented method)")
-    parser.add_argument("--n", default="512,1024,2048", help="comma-separated sequence lengths N (default 512,1024,2048)")
-    parser.add_argument("--d", type=int, default=64, help="head width D (default 64)")
-    parser.add_argument("--heads", type=int, default=1, help="number of heads H (default 1)")
+    parser.add_argument("--n", type=positive_int_list, default=[512, 1024, 2048],
+                        help="comma-separated sequence lengths N (default 512,1024,2048)")
+    parser.add_argument("--d", type=positive_int, default=64, help="head width D (default 64)")
+    parser.add_argument("--heads", type=positive_int, default=1, help="number of heads H (default 1)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="input dtype (default float32)")
     parser.add_argument("--causal", action="store_true", help="causal attention (default bidirectional)")
-    parser.add_argument("--repeat", type=int, default=3, help="timing repeats; the minimum is reported (default 3)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timing repeats; the minimum is reported (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the methods' random state")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", metavar="DIR", help="write time and memory against N (log-log) as PNG files to DIR")
@@ -154,13 +158,9 @@ def main(argv):
             parser.error(str(error))
         if not is_implemented(name):
             parser.error(f"method {name!r} is registered but not implemented yet")
-    if args.repeat < 1:
-        parser.error(f"--repeat={args.repeat} is invalid; expected a positive number of timing repeats")
     if "transformer" not in names:
         names = ["transformer"] + names  # the baseline of every ratio
-    sizes = parse_list(args.n, int)
-    if not sizes or min(sizes) < 1:
-        parser.error(f"--n={args.n!r} is invalid; expected comma-separated positive integers")
+    sizes = args.n
 
     print(f"machine: {machine_description()}, kernels: {backend()}")
     print(f"inputs: (1, {args.heads}, N, {args.d}) {args.dtype}, {'causal' if args.causal else 'bidirectional'}, best of {args.repeat}")
@@ -181,6 +181,8 @@ def main(argv):
             "memory / dense": f"{row.get('memory_vs_dense', float('nan')):.2f}",
         })
     print(format_table(table_rows, ["method", "N", "forward", "forward+backward", "peak memory", "time / dense", "memory / dense"]))
+    print("time / dense and memory / dense: forward+backward time and its peak memory, divided by dense "
+          "attention's at the same N")
 
     summary = summarize(rows, names, sizes)
     if summary:
