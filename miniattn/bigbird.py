@@ -104,6 +104,7 @@ from .core.validate import (
     check_int,
     check_mask,
     check_real,
+    check_upstream,
 )
 from .transformer import attention_backward as dense_attention_backward
 from .transformer import attention_forward as dense_attention_forward
@@ -601,6 +602,7 @@ def attention_backward(dout, cache):
     if cache["path"] == "full":
         return dense_attention_backward(dout, cache["dense_cache"])[:3]
 
+    check_upstream("dout", dout, cache["q_shape"][:-1] + cache["v_shape"][-1:])
     dq = np.zeros(cache["q_shape"], dtype=cache["dtype"])  # (..., H, N, D)
     dk = np.zeros_like(dq)  # (..., H, N, D)
     dv = np.zeros(cache["v_shape"], dtype=cache["dtype"])  # (..., H, N, Dv)

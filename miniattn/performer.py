@@ -103,6 +103,7 @@ from .core.validate import (
     check_int,
     check_mask,
     check_real,
+    check_upstream,
 )
 
 KERNELS = ("softmax", "relu")
@@ -856,6 +857,8 @@ def favor_attention_backward(dout, cache):
     differentiated as maxima (see softmax_kernel_features_backward);
     stabilisers passed in are constants. Returns (dq, dk, dv).
     """
+    out = cache["out"] if not cache["causal"] else cache["attention"]["out"]
+    check_upstream("dout", dout, out.shape)
     if not cache["causal"]:
         return bidirectional_favor_backward(dout, cache)
     _, features_backward = FEATURE_MAPS[cache["kernel"]]

@@ -76,6 +76,7 @@ from .core.validate import (
     check_int,
     check_real,
     check_same_dtype,
+    check_upstream,
 )
 from .nn.functional import (
     dropout_backward,
@@ -387,6 +388,7 @@ def lsh_attention_backward(dout, cache):
     and the sort permutations. Buckets are constants.
     """
     lead, n_positions, length, n_rounds, chunk_length, width, value_width = cache["shapes"]
+    check_upstream("dout", dout, lead + (n_positions, value_width))
     sorted_positions, undo = cache["sorted_positions"], cache["undo"]
     queries, keys, values, probs = cache["queries"], cache["keys"], cache["values"], cache["probs"]
     weights, round_out, out_padded = cache["weights"], cache["round_out"], cache["out_padded"]

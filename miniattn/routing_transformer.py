@@ -95,6 +95,7 @@ from .core.validate import (
     check_int,
     check_mask,
     check_real,
+    check_upstream,
 )
 from .nn.functional import layer_norm_backward, layer_norm_forward
 from .transformer import attention_backward, attention_forward
@@ -419,6 +420,7 @@ def routing_attention_forward(
         "k_unit": k_unit,
         "counts": counts,
         "divisor": divisor,
+        "out_shape": out.shape,
         "allowed": allowed,
         "attention_cache": attention_cache,
         "norm_caches": norm_caches,
@@ -437,6 +439,7 @@ def routing_attention_backward(dout, cache):
     caches when normalize_qk was set. Nothing is recomputed, and the routing
     is a constant.
     """
+    check_upstream("dout", dout, cache["out_shape"])
     query_index = cache["query_index"]
     key_index = cache["key_index"]
     n_queries, n_keys = cache["shapes"]
@@ -822,9 +825,12 @@ class RoutingAttention:
                 cache["query_valid"] = np.broadcast_to(routing_mask.any(axis=-1), routed_shape + (n_queries,))
                 cache["key_valid"] = np.broadcast_to(routing_mask.any(axis=-2), routed_shape + (n_keys,))
             outputs.append(out_routing)
-        return np.concatenate(outputs, axis=1), cache
+        out = np.concatenate(outputs, axis=1)  # (B, H, N, Dv)
+        cache["out_shape"] = out.shape
+        return out, cache
 
     def backward(self, dout, cache):
+        check_upstream("dout", dout, cache["out_shape"])
         n_local = cache["n_local"]
         grads = []
         if cache["local"] is not None:

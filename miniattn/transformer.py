@@ -60,6 +60,7 @@ from .core.validate import (
     check_int,
     check_mask,
     check_real,
+    check_upstream,
 )
 
 
@@ -206,6 +207,7 @@ def attention_backward(dout, cache):
     and fully masked rows get zero gradients.
     """
     weights, row_sums, out = cache["weights"], cache["row_sums"], cache["out"]
+    check_upstream("dout", dout, out.shape)
     q, k, v, q_scaled = cache["q"], cache["k"], cache["v"], cache["q_scaled"]
     scale = q.dtype.type(cache["scale"])
     dout_scaled = dout / row_sums  # dO': (..., N, Dv)
@@ -349,6 +351,7 @@ def mha_backward(dy, cache):
     the same array, the caller adds dx_q and dx_kv (the input forks).
     """
     x_q, x_kv, params, n_heads, attention, attention_cache, merged = cache
+    check_upstream("dy", dy, x_q.shape[:-1] + params["W_o"].shape[-1:])
     dparams = {}
 
     # 3. y = merged @ W_o + b_o

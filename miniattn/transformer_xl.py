@@ -77,6 +77,7 @@ from .core.validate import (
     check_mask,
     check_real,
     check_same_dtype,
+    check_upstream,
 )
 from .nn.functional import (
     dropout_backward,
@@ -360,6 +361,7 @@ def relative_attention_backward(dout, cache):
     leaves above the diagonal gets no gradient.
     """
     k, v, r, q_u, q_v, probs, out, scale, shift, n_positions, _ = cache
+    check_upstream("dout", dout, out.shape)
 
     # 4. out = probs @ v
     dv = np.swapaxes(probs, -1, -2) @ dout  # (..., H, M, N) @ (..., H, N, D) -> (..., H, M, D)

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .masks import CAUSAL_ALIGNMENTS
-from .validate import check_attention_inputs, check_choice, check_int, check_mask, check_real
+from .validate import check_attention_inputs, check_choice, check_int, check_mask, check_real, check_upstream
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -356,6 +356,7 @@ def blockwise_attention_backward(dout, cache):
     recomputed from lse, so the backward also never makes an (N, M) array.
     """
     q, k, v, out, lse, block_mask, scale, query_block, key_block = cache
+    check_upstream("dout", dout, out.shape)
     delta = output_delta(dout, out)  # (..., N)
     return partial_attention_backward(
         dout, q, k, v, lse, delta, block_mask, scale=scale, query_block=query_block, key_block=key_block

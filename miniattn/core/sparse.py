@@ -45,7 +45,7 @@ built, "numpy" otherwise; every entry point takes ``backend=``.
 import numpy as np
 
 from .kernels import resolve_backend
-from .validate import check_attention_inputs, check_float_array, check_int, check_mask, check_real
+from .validate import check_attention_inputs, check_float_array, check_int, check_mask, check_real, check_upstream
 
 # Rows are processed in chunks of about this many (leading entry, pair) items
 # in the NumPy reference, which bounds the gathered (T, D) copies.
@@ -438,8 +438,7 @@ def multihead_sparse_forward(q, k, v, patterns, *, mask=None, scale=None, backen
 def multihead_sparse_backward(dout, cache):
     """Backward of multihead_sparse_forward: returns (dq, dk, dv)."""
     parts, q_shape, k_shape, v_shape, dtype = cache
-    if dout.shape != q_shape[:3] + v_shape[3:]:
-        raise ValueError(f"dout has shape {dout.shape}; expected the output shape {q_shape[:3] + v_shape[3:]}")
+    check_upstream("dout", dout, q_shape[:3] + v_shape[3:])
     dq = np.zeros(q_shape, dtype=dtype)  # (B, H, N, D)
     dk = np.zeros(k_shape, dtype=dtype)  # (B, H, M, D)
     dv = np.zeros(v_shape, dtype=dtype)  # (B, H, M, Dv)

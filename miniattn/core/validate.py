@@ -35,6 +35,15 @@ def check_float_array(name, x, *, min_ndim=1, finite=True):
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
 
 
+def check_upstream(name, grad, shape):
+    """Check an upstream gradient: a finite float array with the shape of the forward's output."""
+    check_float_array(name, grad)
+    if grad.shape != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {grad.shape}; expected {tuple(shape)}, the shape of the forward's output"
+        )
+
+
 def check_same_dtype(**arrays):
     """Check that all given arrays share one dtype."""
     dtypes = {name: array.dtype for name, array in arrays.items()}
