@@ -151,6 +151,8 @@ def test_rejects_rotations_of_wrong_shape(rng):
     for rotations in (rng.standard_normal((2, 3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((1, 4, 0))):
         with pytest.raises(ValueError, match=r"rotations has shape"):
             hashing.lsh_hash(x, rotations)
+    with pytest.raises(ValueError, match="x has vector width D=3"):
+        hashing.lsh_hash(x[:, :3].copy(), rng.standard_normal((2, 4, 2)))
 
 
 def test_rejects_non_finite_input(rng):
@@ -168,3 +170,5 @@ def test_rejects_short_length_and_bad_ids(rng):
         hashing.lsh_sort(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="non-negative"):
         hashing.lsh_sort(np.array([[0, -1, 2]]))
+    with pytest.raises(ValueError, match=r"buckets has shape \(5,\); expected \(\.\.\., K, L\)"):
+        hashing.lsh_sort(np.arange(5))

@@ -119,6 +119,11 @@ def lsh_hash(x, rotations, *, length=None, backend=None):
     see the module docstring. backend is "numpy", "cython" or None (default).
     """
     check_float_array("x", x, min_ndim=2)
+    if getattr(rotations, "ndim", 0) == 3 and rotations.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"x has vector width D={x.shape[-1]} but rotations has shape {rotations.shape}, "
+            f"made for width {rotations.shape[1]}; expected rotations (K, {x.shape[-1]}, nb/2)"
+        )
     check_rotations(rotations, x.shape[-1])
     n_positions = x.shape[-2]
     length = n_positions if length is None else length
@@ -168,11 +173,10 @@ def lsh_sort(buckets, *, backend=None):
     s = r L + t at sorted place i, and undo[s] is the sorted place of item s.
     """
     buckets = np.asarray(buckets)
-    if buckets.ndim < 2 or not np.issubdtype(buckets.dtype, np.integer):
-        raise TypeError(
-            f"buckets must be an integer array (..., K, L), got dtype {buckets.dtype} "
-            f"and shape {buckets.shape}"
-        )
+    if not np.issubdtype(buckets.dtype, np.integer):
+        raise TypeError(f"buckets has dtype {buckets.dtype}; expected integer bucket ids (..., K, L)")
+    if buckets.ndim < 2:
+        raise ValueError(f"buckets has shape {buckets.shape}; expected (..., K, L) with a round axis K")
     if buckets.size and buckets.min() < 0:
         raise ValueError(f"buckets must be non-negative ids, got a minimum of {buckets.min()}")
     length = buckets.shape[-1]
