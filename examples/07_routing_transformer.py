@@ -58,7 +58,12 @@ for c in range(n_clusters):
     print(f"cluster {c}: queries {cache['query_index'][0, 0, c]}  keys {cache['key_index'][0, 0, c]}")
 counts = cache["counts"][0, 0]
 print("clusters per query:", counts, "(0 = routed nowhere, zero output)")
-print(f"check: every cluster is full, {cache['query_index'].shape[-1]} queries each")
+sizes = [len(np.unique(cache["query_index"][0, 0, c])) for c in range(n_clusters)]
+assert sizes == [n_tokens // n_clusters] * n_clusters
+print(f"check: every cluster holds {sizes[0]} distinct queries")
+# Each cluster ranks all queries by closeness to its centroid and keeps its top 4,
+# independently of the other clusters: a cluster may take a token of another
+# topic, and a token in no cluster's top 4 is routed nowhere.
 
 # %% 4. Attention inside one cluster, causal by original positions.
 # Query at position p may attend a selected key at position j only when j <= p,

@@ -105,5 +105,5 @@ print("max |recurrent - one pass|:", np.abs(recurrent - one_pass).max())
 assert np.abs(recurrent - one_pass).max() < 1e-12
 label, forward, backward, inputs, names = gradcheck_cases(np.random.default_rng(0))[4]
 result = gradcheck(forward, backward, inputs, names=names, rng=rng)
-print(f"gradcheck, {label}: max rel error {result.max_rel_error:.1e}")
 result.assert_ok(1e-6)
+print(f"check: gradcheck, {label}: max rel error {result.max_rel_error:.1e} (tolerance 1e-6)")

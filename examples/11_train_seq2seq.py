@@ -91,3 +91,4 @@ print("mass on the mirrored source position L - 1 - t:", mirrored)
 print("the most attended source position of each row: ", mean_map.argmax(axis=1))
 assert np.array_equal(mean_map.argmax(axis=1), length - 1 - np.arange(length))
 assert np.all(mirrored > 0.5), "every row should put most of its mass on the mirrored position"
+print("check: every output position attends most to its mirrored source position")

@@ -23,6 +23,7 @@ import tempfile
 
 import numpy as np
 
+from ..commands import help_description
 from ..core import kernels
 from ..core.kernels import backend
 from ..transformer import attention_backward, attention_forward
@@ -140,7 +141,7 @@ def measure(n, width, dtype, causal, repeat, rng):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite dense", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite dense", description=help_description(__doc__))
     parser.add_argument("--n", type=positive_int_list, help="comma-separated N (default 512,1024,2048,4096,8192)")
     parser.add_argument("--d", type=positive_int, default=64, help="head width D (default 64)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")

@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from ..commands import help_description
 from ..performer import draw_features, favor_attention_backward, favor_attention_forward
 from ..transformer import attention_backward, attention_forward
 from .harness import (
@@ -197,7 +198,7 @@ def run_cost(args, report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniattn.benchmarks.performer", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite performer", description=help_description(__doc__, paragraphs=99),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run (N up to 8192, fewer F and seeds)")
     parser.add_argument("--json", metavar="PATH", help="write the measurements as JSON to PATH")

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from ..commands import help_description
 from .. import reformer
 from ..core import hashing, kernels
 from ..transformer import attention_forward
@@ -202,7 +203,7 @@ def measure_memory(rng, depths, batch, n_positions, width, n_heads, ff_width, ch
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniattn.benchmarks.reformer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite reformer", description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run of a few seconds")
     parser.add_argument("--json", metavar="PATH", help="also write the measured numbers to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and rotations")

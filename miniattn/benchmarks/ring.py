@@ -26,6 +26,7 @@ from multiprocessing import Pipe
 
 import numpy as np
 
+from ..commands import help_description
 from ..core.online_softmax import blockwise_attention_forward
 from ..ring import simulate
 from ..transformer import attention_forward
@@ -181,7 +182,7 @@ def run_speed_sections(args, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniattn.benchmarks.ring", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite ring", description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="small sizes that finish in well under a minute")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--width", type=positive_int, default=64, help="head width D (default 64)")

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from ..commands import help_description
 from ..routing_transformer import (
     init_centroids,
     nearest_centroids,
@@ -152,7 +153,7 @@ def run_timing(rng, sizes, width, causal, repeat, dense_max, clock="wall"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite routing_transformer", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite routing_transformer", description=help_description(__doc__, paragraphs=99),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")

@@ -22,6 +22,7 @@ import argparse
 
 import numpy as np
 
+from ..commands import help_description
 from ..core.kernels import backend
 from ..transformer_xl import (
     XLConfig,
@@ -116,7 +117,7 @@ def time_row(segment_len, mem_len, n_layers, width, n_heads, dtype, repeat, rng)
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite transformer_xl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench --suite transformer_xl", description=help_description(__doc__))
     parser.add_argument("--segment", type=positive_int, default=8, help="segment length N of the reach study (default 8)")
     parser.add_argument("--length", type=positive_int, default=64, help="sequence length T of the reach study (default 64)")
     parser.add_argument("--layers", default="1,2,3", help="comma-separated layer counts of the reach study (default 1,2,3)")

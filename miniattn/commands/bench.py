@@ -32,6 +32,7 @@ from ..benchmarks.harness import (
 )
 from ..core.kernels import backend
 from ..methods import METHODS, info, is_implemented, make_method
+from . import help_description
 
 
 def suite_names():
@@ -131,7 +132,7 @@ def main(argv):
             return 2
         return importlib.import_module(f"miniattn.benchmarks.{suite}").main(argv)
 
-    parser = argparse.ArgumentParser(prog="python -m miniattn bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn bench", description=help_description(__doc__))
     parser.add_argument(
         "--suite",
         help=f"run a benchmark suite instead of the sweep; one of: {', '.join(suite_names())}. The suite has "

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..core.gradcheck import gradcheck
 from ..methods import METHODS, info, is_implemented, make_method
+from . import help_description
 
 TOLERANCE = 1e-6
 
@@ -82,7 +83,7 @@ def print_result(label, result, tol):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn gradcheck", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn gradcheck", description=help_description(__doc__))
     parser.add_argument(
         "methods", nargs="*", help="method names, or 'layers' for miniattn.nn (default: every implemented method, then layers)"
     )

@@ -3,10 +3,11 @@
 import argparse
 
 from ..methods import METHODS, is_implemented
+from . import help_description
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn list", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m miniattn list", description=help_description(__doc__, paragraphs=99))
     parser.parse_args(argv)
     header = f"{'year':<5} {'method':<20} {'file':<32} {'time':<24} {'memory':<24} {'status':<12} idea"
     print(header)

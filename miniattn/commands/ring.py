@@ -14,6 +14,7 @@ from ..benchmarks.harness import format_bytes, format_table
 from ..ring import START_METHODS, draw_timeline, send_compute_overlaps, simulate
 from ..ring_attention import LAYOUTS
 from ..transformer import attention_backward, attention_forward
+from . import help_description
 
 
 def positive_int(text):
@@ -24,7 +25,7 @@ def positive_int(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m miniattn ring", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn ring", description=help_description(__doc__))
     parser.add_argument("--workers", "-P", type=positive_int, default=4, help="number of worker processes P (default 4)")
     parser.add_argument("--length", "-N", type=positive_int, default=2048, help="sequence length N (default 2048)")
     parser.add_argument("--width", "-D", type=positive_int, default=64, help="head width D (default 64)")

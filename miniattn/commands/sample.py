@@ -6,10 +6,11 @@ import sys
 import numpy as np
 
 from ..training import generate_text, load_checkpoint
+from . import help_description
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn sample", description=help_description(__doc__))
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .npz file written by python -m miniattn train")
     parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     parser.add_argument("--length", type=int, default=300, help="characters to generate (default 300)")

@@ -33,6 +33,7 @@ from ..training import build_model, cache_dir, load_checkpoint, load_corpus, mod
 from ..transformer import attention_forward, attention_probabilities
 from .gradcheck import run_method, worst_error
 from .train import Progress, report_plots
+from . import help_description
 
 STRIP_WIDTH = 64  # characters in the drawing of the keys one query sees
 SLICE_LENGTH = 32  # positions of the real input checked by finite differences
@@ -235,7 +236,7 @@ def real_inputs(args):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python -m miniattn tour", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn tour", description=help_description(__doc__))
     parser.add_argument("--n", type=int, default=1024, help="sequence length N of the tour input (default 1024)")
     parser.add_argument("--methods", default="", help="comma-separated method names (default: all implemented)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats, minimum reported (default 3)")
@@ -318,6 +319,15 @@ def main(argv):
         }
         for row in sorted(rows, key=lambda row: info(row["name"]).year)
     ]
+    print(
+        "output error: |out - exact| / |exact| against exact attention on the same q, k, v (Frobenius norms).\n"
+        "  Reformer shares queries and keys (it ignores k), so its error is against a different function.\n"
+        "mass kept: the share of exact attention's probability mass on the keys the method lets each query\n"
+        "  see, averaged over heads and queries (1.000 for methods that see every key, such as the Performer, which\n"
+        "  approximates the weights instead of dropping keys).\n"
+        "gradcheck: the largest relative error of the method's own small float64 cases; on passage: the same\n"
+        f"  check on the last {SLICE_LENGTH} positions of the passage.\n"
+    )
     trained = "training included" if history is not None else "with the saved model"
     print(f"tour finished in {time.perf_counter() - started:.0f} s, {trained}; the methods by year:\n")
     print(format_table(table, list(table[0])))

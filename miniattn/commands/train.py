@@ -34,6 +34,7 @@ from ..training import (
     save_checkpoint,
     train,
 )
+from . import help_description
 
 DEFAULT_STEPS = 800
 BAR_WIDTH = 24
@@ -86,7 +87,7 @@ def versus_unigram(loss, unigram_loss):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m miniattn train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniattn train", description=help_description(__doc__))
     parser.add_argument("--attention", help=f"attention method (default {MODEL_DEFAULTS['attention']}); "
                         f"python -m miniattn list shows them")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
