@@ -65,6 +65,11 @@ def main(argv):
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error(f"--timeout={args.timeout} is invalid; expected a positive number of seconds")
+    if args.workers > args.length:
+        parser.error(
+            f"-P {args.workers} is more than -N {args.length}; expected at most N processes, so that each "
+            f"holds at least one position"
+        )
     try:
         return run(args)
     except ValueError as error:  # invalid sizes or options, named by the simulator

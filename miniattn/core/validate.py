@@ -32,7 +32,8 @@ def check_float_array(name, x, *, min_ndim=1, finite=True):
             total = np.sum(x, dtype=np.float64)
     if finite and not np.isfinite(total) and not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); expected finite values")
+        values = "value" if bad == 1 else "values"
+        raise ValueError(f"{name} contains {bad} non-finite {values} (NaN or inf); expected finite values")
 
 
 def check_upstream(name, grad, shape):
