@@ -78,19 +78,21 @@ and redraws only when redraw_features() is called. The cache keeps the
 features used, so a backward always matches its forward and a gradient check
 differentiates one fixed function.
 
-Row blocks (bidirectional). phi(Q) and phi(K) are computed a block of rows
-at a time and never held whole: a first pass over the key blocks finds the
-shared key stabiliser, a second sums kv = phi(K)^T V and phi(K)^T 1, and each
-query block then gives its output rows. The backward recomputes the blocks.
-A block of features stays in the CPU cache through its elementwise passes,
-while whole (N, F) arrays would travel to memory and back for each pass. So
-the blocks keep the time linear in N, and the recomputation costs one more
-feature map per input.
+Row blocks. phi(Q) and phi(K) are computed a block of rows at a time and
+never held whole. A first pass over the key blocks finds the shared key
+stabiliser. Bidirectional, a second pass sums kv = phi(K)^T V and
+phi(K)^T 1, and each query block then gives its output rows. Causal, each
+block of key positions gets its key features and those of the queries that
+sit there, and the scan runs over the block, carrying S and z into the next.
+The backward recomputes the blocks. A block of features stays in the CPU
+cache through its elementwise passes, while whole (N, F) arrays would travel
+to memory and back for each pass. So the blocks keep the time linear in N,
+and the recomputation costs one or two more feature maps per input.
 
-Complexity per head: O((N + M) F (D + Dv)) time both ways. Memory
-bidirectional: O((N + M) (D + Dv) + F Dv) plus one block of features. Causal
-holds phi(Q) and phi(K), O((N + M) F), and O(C^2 + F Dv) for the scan.
-Exact attention costs O(N M D) time and O(N M) memory.
+Complexity per head: O((N + M) F (D + Dv)) time, plus O(M C F) for the
+causal chunk blocks. Memory: O((N + M) (D + Dv) + F Dv) plus one block of
+features, and O(C^2) for the causal scan. Exact attention costs O(N M D)
+time and O(N M) memory.
 """
 
 import numpy as np
@@ -442,18 +444,65 @@ def causal_sums_forward(query_features, key_features, v, chunk_size):
     at a time. Returns (numerator (..., N, Dv), denominator (..., N, 1), cache).
     """
     n_queries, n_keys = query_features.shape[-2], key_features.shape[-2]
-    batch_shape = query_features.shape[:-2]
-    num_features, value_width = key_features.shape[-1], v.shape[-1]
     shift = n_keys - n_queries
     frame_queries = frame_rows(query_features, n_keys, shift)  # (..., M, F)
-    tril = np.tril(np.ones((chunk_size, chunk_size), dtype=bool))  # (C, C)
+    state, key_sum = empty_sums(key_features.shape[-1], v)
+    numerator, denominator = scan_forward(frame_queries, key_features, v, state, key_sum, chunk_size)
+    numerator = unframe_rows(numerator, n_queries, shift)  # (..., N, Dv)
+    denominator = unframe_rows(denominator, n_queries, shift)  # (..., N, 1)
+    cache = (frame_queries, key_features, v, chunk_size, shift)
+    return numerator, denominator, cache
 
-    numerator = np.empty(batch_shape + (n_keys, value_width), dtype=v.dtype)  # (..., M, Dv)
-    denominator = np.empty(batch_shape + (n_keys, 1), dtype=v.dtype)  # (..., M, 1)
-    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
+
+def causal_sums_backward(dnumerator, ddenominator, cache):
+    """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
+
+    Two scans with the chunk block recomputed: scan_backward_queries rebuilds
+    the prefix sums that the queries read, and scan_backward_keys carries the
+    suffix sums of what later queries sent back (see both for the equations).
+    """
+    frame_queries, key_features, v, chunk_size, shift = cache
+    n_keys, n_queries = key_features.shape[-2], dnumerator.shape[-2]
+    dnumerator = frame_rows(dnumerator, n_keys, shift)  # (..., M, Dv)
+    ddenominator = frame_rows(ddenominator, n_keys, shift)  # (..., M, 1)
+    state, key_sum = empty_sums(key_features.shape[-1], v)
+    dframe_queries = scan_backward_queries(
+        frame_queries, key_features, v, dnumerator, ddenominator, state, key_sum, chunk_size
+    )  # (..., M, F)
+    suffix_state, suffix_sum = empty_sums(key_features.shape[-1], v)
+    dkey_features, dv = scan_backward_keys(
+        frame_queries, key_features, v, dnumerator, ddenominator, suffix_state, suffix_sum, chunk_size
+    )  # (..., M, F), (..., M, Dv)
+    return unframe_rows(dframe_queries, n_queries, shift), dkey_features, dv
+
+
+def empty_sums(num_features, v):
+    """Return zero running sums (S (..., F, Dv), z (..., F, 1)) for a scan over F features and values v."""
+    batch_shape = v.shape[:-2]
+    state = np.zeros(batch_shape + (num_features, v.shape[-1]), dtype=v.dtype)  # S: (..., F, Dv)
     key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
-    for start in range(0, n_keys, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_keys))
+    return state, key_sum
+
+
+def causal_tril(chunk_size):
+    """Return the (C, C) lower-triangular mask of one chunk: key s <= query position t."""
+    return np.tril(np.ones((chunk_size, chunk_size), dtype=bool))
+
+
+def scan_forward(frame_queries, key_features, v, state, key_sum, chunk_size):
+    """Run the causal scan over L positions in chunks of C, from the prefix sums S and z.
+
+    frame_queries (..., L, F) has the query features at their key positions
+    (zero rows where no query sits). state S (..., F, Dv) and key_sum z (..., F, 1)
+    hold the keys before these positions and are advanced in place past them.
+    Returns (numerator (..., L, Dv), denominator (..., L, 1)).
+    """
+    n_positions = key_features.shape[-2]
+    tril = causal_tril(chunk_size)
+    numerator = np.empty(v.shape[:-2] + (n_positions, v.shape[-1]), dtype=v.dtype)  # (..., L, Dv)
+    denominator = np.empty(v.shape[:-2] + (n_positions, 1), dtype=v.dtype)  # (..., L, 1)
+    for start in range(0, n_positions, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_positions))
         size = rows.stop - rows.start
         chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
         chunk_keys_t = np.swapaxes(key_features[..., rows, :], -1, -2)  # (..., F, C)
@@ -470,59 +519,44 @@ def causal_sums_forward(query_features, key_features, v, chunk_size):
         # 3. Add the chunk's keys to the prefix sums.
         state += chunk_keys_t @ chunk_values  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
         key_sum += np.sum(chunk_keys_t, axis=-1, keepdims=True)
-
-    numerator = unframe_rows(numerator, n_queries, shift)  # (..., N, Dv)
-    denominator = unframe_rows(denominator, n_queries, shift)  # (..., N, 1)
-    cache = (frame_queries, key_features, v, tril, chunk_size, shift)
-    return numerator, denominator, cache
+    return numerator, denominator
 
 
-def causal_sums_backward(dnumerator, ddenominator, cache):
-    """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
+def chunk_gradients(frame_queries, key_features, v, dnumerator, ddenominator, rows, tril):
+    """Return the slices of one chunk and dA_c = tril(dnumerator_c V_c^T + ddenominator_c 1^T)."""
+    size = rows.stop - rows.start
+    chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
+    chunk_keys = key_features[..., rows, :]  # (..., C, F)
+    chunk_values = v[..., rows, :]  # (..., C, Dv)
+    dchunk_numerator = dnumerator[..., rows, :]  # (..., C, Dv)
+    dchunk_denominator = ddenominator[..., rows, :]  # (..., C, 1)
+    # 2. numerator = A_c V_c + ..., denominator = A_c 1 + ...: A_c feeds both (a fork).
+    dlocal = dchunk_numerator @ np.swapaxes(chunk_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., C, C)
+    dlocal += dchunk_denominator  # (..., C, 1) broadcast over the keys of the chunk
+    # 1. A_c = tril(Q'_c K'_c^T)
+    dlocal *= tril[:size, :size]
+    return chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal
 
-    Two scans with the chunk block recomputed. A forward scan rebuilds the
-    prefix sums S, z that the queries read:
+
+def scan_backward_queries(frame_queries, key_features, v, dnumerator, ddenominator, state, key_sum, chunk_size):
+    """Gradient of the framed query features over L positions; the forward scan of the backward.
+
+    The queries' gradients read the prefix sums S and z, which this scan
+    rebuilds (advancing state and key_sum in place, as scan_forward does):
 
         dQ'_c = dA_c K'_c + dnumerator_c S^T + ddenominator_c z^T,
         dA_c  = tril(dnumerator_c V_c^T + ddenominator_c 1^T)
 
-    A reverse scan carries the suffix sums of what later queries sent back,
-    G = sum_{later} Q'^T dnumerator (F, Dv) and g = sum_{later} Q'^T ddenominator (F, 1):
-
-        dK'_c = dA_c^T Q'_c + V_c G^T + g^T,   dV_c = A_c^T dnumerator_c + K'_c G
+    Returns dframe_queries (..., L, F).
     """
-    frame_queries, key_features, v, tril, chunk_size, shift = cache
-    n_keys = key_features.shape[-2]
-    n_queries = dnumerator.shape[-2]
-    batch_shape = key_features.shape[:-2]
-    num_features, value_width = key_features.shape[-1], v.shape[-1]
-    dnumerator = frame_rows(dnumerator, n_keys, shift)  # (..., M, Dv)
-    ddenominator = frame_rows(ddenominator, n_keys, shift)  # (..., M, 1)
-    dframe_queries = np.empty_like(frame_queries)  # (..., M, F)
-    dkey_features = np.empty_like(key_features)  # (..., M, F)
-    dv = np.empty_like(v)  # (..., M, Dv)
-    starts = range(0, n_keys, chunk_size)
-
-    def chunk(start):
-        rows = slice(start, min(start + chunk_size, n_keys))
-        size = rows.stop - rows.start
-        chunk_queries = frame_queries[..., rows, :]  # (..., C, F)
-        chunk_keys = key_features[..., rows, :]  # (..., C, F)
-        chunk_values = v[..., rows, :]  # (..., C, Dv)
-        dchunk_numerator = dnumerator[..., rows, :]  # (..., C, Dv)
-        dchunk_denominator = ddenominator[..., rows, :]  # (..., C, 1)
-        # 2. numerator = A_c V_c + ..., denominator = A_c 1 + ...: A_c feeds both (a fork).
-        dlocal = dchunk_numerator @ np.swapaxes(chunk_values, -1, -2)  # (..., C, Dv) @ (..., Dv, C) -> (..., C, C)
-        dlocal += dchunk_denominator  # (..., C, 1) broadcast over the keys of the chunk
-        # 1. A_c = tril(Q'_c K'_c^T)
-        dlocal *= tril[:size, :size]
-        return rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal
-
-    # Forward scan: the queries' gradients read the prefix sums S and z.
-    state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # S: (..., F, Dv)
-    key_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # z: (..., F, 1)
-    for start in starts:
-        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+    n_positions = key_features.shape[-2]
+    tril = causal_tril(chunk_size)
+    dframe_queries = np.empty_like(frame_queries)  # (..., L, F)
+    for start in range(0, n_positions, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_positions))
+        _, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk_gradients(
+            frame_queries, key_features, v, dnumerator, ddenominator, rows, tril
+        )
         # 2. numerator = ... + Q'_c S, denominator = ... + Q'_c z
         dchunk_queries = dchunk_numerator @ np.swapaxes(state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
         dchunk_queries += dchunk_denominator @ np.swapaxes(key_sum, -1, -2)  # (..., C, 1) @ (..., 1, F)
@@ -532,12 +566,30 @@ def causal_sums_backward(dnumerator, ddenominator, cache):
         # 3. S += K'_c^T V_c, z += K'_c^T 1 (rebuilt for the next chunk)
         state += np.swapaxes(chunk_keys, -1, -2) @ chunk_values
         key_sum += np.sum(chunk_keys, axis=-2)[..., None]
+    return dframe_queries
 
-    # Reverse scan: keys and values receive the suffix sums G and g of later queries.
-    suffix_state = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # G: (..., F, Dv)
-    suffix_sum = np.zeros(batch_shape + (num_features, 1), dtype=v.dtype)  # g: (..., F, 1)
-    for start in reversed(starts):
-        rows, chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk(start)
+
+def scan_backward_keys(frame_queries, key_features, v, dnumerator, ddenominator, suffix_state, suffix_sum, chunk_size):
+    """Gradients of the key features and values over L positions; the reverse scan of the backward.
+
+    Keys and values receive the suffix sums of what later queries sent back,
+    G = sum_{later} Q'^T dnumerator (..., F, Dv) and g = sum_{later} Q'^T ddenominator
+    (..., F, 1), which suffix_state and suffix_sum hold for the positions after
+    these and which are advanced in place to include them:
+
+        dK'_c = dA_c^T Q'_c + V_c G^T + g^T,   dV_c = A_c^T dnumerator_c + K'_c G
+
+    Returns (dkey_features (..., L, F), dv (..., L, Dv)).
+    """
+    n_positions = key_features.shape[-2]
+    tril = causal_tril(chunk_size)
+    dkey_features = np.empty_like(key_features)  # (..., L, F)
+    dv = np.empty_like(v)  # (..., L, Dv)
+    for start in reversed(range(0, n_positions, chunk_size)):
+        rows = slice(start, min(start + chunk_size, n_positions))
+        chunk_queries, chunk_keys, chunk_values, dchunk_numerator, dchunk_denominator, dlocal = chunk_gradients(
+            frame_queries, key_features, v, dnumerator, ddenominator, rows, tril
+        )
         # 3. S += K'_c^T V_c, z += K'_c^T 1: every later chunk read this chunk's keys.
         dchunk_keys = chunk_values @ np.swapaxes(suffix_state, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
         dchunk_keys += np.swapaxes(suffix_sum, -1, -2)
@@ -552,9 +604,7 @@ def causal_sums_backward(dnumerator, ddenominator, cache):
         # 2. The queries of this chunk read S and z, which held the keys of earlier chunks.
         suffix_state += np.swapaxes(chunk_queries, -1, -2) @ dchunk_numerator  # (..., F, C) @ (..., C, Dv)
         suffix_sum += np.swapaxes(chunk_queries, -1, -2) @ dchunk_denominator  # (..., F, C) @ (..., C, 1)
-
-    dquery_features = unframe_rows(dframe_queries, n_queries, shift)  # (..., N, F)
-    return dquery_features, dkey_features, dv
+    return dkey_features, dv
 
 
 def frame_rows(query_rows, n_keys, shift):
@@ -583,7 +633,7 @@ def unframe_rows(frame, n_queries, shift):
     return out
 
 
-# --- bidirectional FAVOR+ in row blocks -------------------------------------------
+# --- FAVOR+ in row blocks: shared pieces and the bidirectional form ---------------
 
 BLOCK_ENTRIES = 2**18  # feature entries per block: 1 MiB in float32, which stays in a 2 MiB L2 cache
 
@@ -639,6 +689,23 @@ def shared_key_stabiliser(k, features, key_valid, blocks):
     return best, best_index
 
 
+def resolve_stabilisers(kernel, stabilisers, k, features, key_valid, key_blocks):
+    """Return (query c or None, key c or None, key argmax or None) for a blocked FAVOR+ forward.
+
+    Softmax kernel without given stabilisers: the query c is left to each
+    block (None, computed per row), and the shared key c comes from a pass
+    over the key blocks, with its argmax for the backward. Given stabilisers
+    are returned as they are, with no argmax. The relu kernel has none.
+    """
+    if kernel != "softmax":
+        return None, None, None
+    if stabilisers is None:
+        key_stabiliser, key_argmax = shared_key_stabiliser(k, features, key_valid, key_blocks)
+        return None, key_stabiliser, key_argmax
+    query_stabiliser, key_stabiliser = stabilisers
+    return query_stabiliser, key_stabiliser, None
+
+
 def row_normalise(numerator, denominator):
     """Return (numerator / denominator, 1 / denominator); a row with denominator 0 stays zero."""
     inverse = np.zeros_like(denominator)  # (..., N, 1)
@@ -665,12 +732,9 @@ def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, st
     # 1. Stabilisers (softmax kernel): computed per query row within each query
     # block, and one shared by all valid keys, found by a first pass over the key
     # blocks. Given stabilisers are used as they are.
-    query_stabiliser = key_stabiliser = key_argmax = None
-    if kernel == "softmax":
-        if stabilisers is None:
-            key_stabiliser, key_argmax = shared_key_stabiliser(k, features, key_valid, key_blocks)
-        else:
-            query_stabiliser, key_stabiliser = stabilisers
+    query_stabiliser, key_stabiliser, key_argmax = resolve_stabilisers(
+        kernel, stabilisers, k, features, key_valid, key_blocks
+    )
 
     # 2. Key summaries kv = phi(K)^T V and key_sum = phi(K)^T 1, linear in M.
     kv = np.zeros(batch_shape + (num_features, value_width), dtype=v.dtype)  # (..., F, Dv)
@@ -727,7 +791,6 @@ def bidirectional_favor_backward(dout, cache):
     key_argmax = cache["key_argmax"]
     query_blocks, key_blocks = cache["blocks"]
     _, features_backward = FEATURE_MAPS[kernel]
-    dtype = q.dtype.type
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
 
     # 3. Query blocks: out = numerator / denominator, numerator = phi(Q) kv, denominator = phi(Q) key_sum.
@@ -756,19 +819,186 @@ def bidirectional_favor_backward(dout, cache):
         dk[..., rows, :] = features_backward(dkey_features, key_cache)
         dv[..., rows, :] = key_features @ dkv  # (..., C, F) @ (..., F, Dv) -> (..., C, Dv)
         if key_argmax is not None:
-            exp_part = key_features - dtype(eps * key_cache["norm"])  # F^-1/2 exp(u - c) on valid rows
-            if valid is not None:
-                exp_part *= valid[..., None]
-            dstabiliser -= np.sum(dkey_features * exp_part, axis=(-2, -1), keepdims=True)
+            dstabiliser += key_stabiliser_gradient(dkey_features, key_features, key_cache)
 
-    # 1. c = u_lj at the argmax (l, j): du_lj += dc, and u_lj = w_j . k~_l - |k~_l|^2 / 2.
+    # 1. c = u_lj at the argmax (l, j).
     if key_argmax is not None:
-        num_features = features.shape[0]
-        key_row, feature_row = key_argmax // num_features, key_argmax % num_features  # (..., 1, 1) each
-        scale = dtype(k.shape[-1] ** -0.25)
-        key_scaled = np.take_along_axis(k, key_row, axis=-2) * scale  # (..., 1, D)
-        correction = dstabiliser * (features[feature_row[..., 0]] - key_scaled) * scale  # (..., 1, D)
-        np.put_along_axis(dk, key_row, np.take_along_axis(dk, key_row, axis=-2) + correction, axis=-2)
+        add_key_stabiliser_gradient(dk, k, features, key_argmax, dstabiliser)
+    return dq, dk, dv
+
+
+def key_stabiliser_gradient(dkey_features, key_features, key_cache):
+    """Return one key block's share of dc = -sum dphi(K) F^-1/2 exp(u - c) over valid entries (..., 1, 1)."""
+    dtype = key_features.dtype.type
+    exp_part = key_features - dtype(key_cache["eps"] * key_cache["norm"])  # F^-1/2 exp(u - c) on valid rows
+    if key_cache["valid"] is not None:
+        exp_part *= key_cache["valid"][..., None]
+    return -np.sum(dkey_features * exp_part, axis=(-2, -1), keepdims=True)
+
+
+def add_key_stabiliser_gradient(dk, k, features, key_argmax, dstabiliser):
+    """Add the shared key stabiliser's gradient dc (..., 1, 1) to dk (..., M, D) in place.
+
+    c = u_lj at its argmax (l, j), so du_lj += dc, and u_lj = w_j . k~_l - |k~_l|^2 / 2
+    passes dc (w_j - k~_l) D^-1/4 to key l.
+    """
+    dtype = k.dtype.type
+    num_features = features.shape[0]
+    key_row, feature_row = key_argmax // num_features, key_argmax % num_features  # (..., 1, 1) each
+    scale = dtype(k.shape[-1] ** -0.25)
+    key_scaled = np.take_along_axis(k, key_row, axis=-2) * scale  # (..., 1, D)
+    correction = dstabiliser * (features[feature_row[..., 0]] - key_scaled) * scale  # (..., 1, D)
+    np.put_along_axis(dk, key_row, np.take_along_axis(dk, key_row, axis=-2) + correction, axis=-2)
+
+
+# --- causal FAVOR+ in blocks of positions --------------------------------------------
+
+
+def block_queries(rows, n_queries, shift):
+    """Return (query rows, their places in the block) for the queries at key positions `rows`.
+
+    Query i sits at key position i + shift, so the block of positions
+    [p0, p1) holds the queries max(0, p0 - shift) .. min(N, p1 - shift) - 1.
+    """
+    first = min(max(0, rows.start - shift), n_queries)
+    last = max(first, min(n_queries, rows.stop - shift))
+    return slice(first, last), slice(first + shift - rows.start, last + shift - rows.start)
+
+
+def framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places):
+    """Return (frame (..., L, F), cache) of the query features placed at their key positions in a block.
+
+    Positions without a query are zero rows. query_stabiliser is None (one c
+    per row, computed) or the given c (..., N, 1). cache is None when the block
+    holds no query.
+    """
+    frame = np.zeros(q.shape[:-2] + (rows.stop - rows.start, features.shape[0]), dtype=q.dtype)  # (..., L, F)
+    if query_rows.stop == query_rows.start:
+        return frame, None
+    stabiliser = "row" if query_stabiliser is None else query_stabiliser[..., query_rows, :]
+    query_features, query_cache = feature_map(kernel, q[..., query_rows, :], features, eps, stabiliser, None)
+    frame[..., places, :] = query_features
+    return frame, query_cache
+
+
+def framed_rows(values, rows, query_rows, places):
+    """Place the query rows of values (..., N, X) at their key positions in a block frame (..., L, X)."""
+    frame = np.zeros(values.shape[:-2] + (rows.stop - rows.start, values.shape[-1]), dtype=values.dtype)
+    frame[..., places, :] = values[..., query_rows, :]
+    return frame
+
+
+def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilisers, chunk_size, block_rows):
+    """Causal FAVOR+ with the features computed for one block of positions at a time.
+
+    The inputs are checked by favor_attention_forward. A first pass over the
+    key blocks finds the shared key stabiliser. Then each block of key
+    positions gets its key features and the features of the queries that sit
+    there, and the causal scan (scan_forward) runs over it, carrying the
+    prefix sums S and z into the next block. No (N, F) array is kept: the
+    backward recomputes the blocks. Returns (out, cache) with out (..., N, Dv).
+    """
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    shift = n_keys - n_queries
+    # Whole chunks per block, so the blocks split the scan where its chunks end.
+    blocks = row_blocks(n_keys, max(chunk_size, block_rows - block_rows % chunk_size))
+
+    # 1. Stabilisers: per query row, computed with each block's queries, and one
+    # shared by all valid keys from a first pass. Given stabilisers are used as they are.
+    query_stabiliser, key_stabiliser, key_argmax = resolve_stabilisers(
+        kernel, stabilisers, k, features, key_valid, blocks
+    )
+
+    # 2. The scan, block by block: numerator and denominator of the block's queries.
+    state, key_sum = empty_sums(features.shape[0], v)  # S (..., F, Dv), z (..., F, 1)
+    out = np.zeros(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype)  # (..., N, Dv); queries before every key stay 0
+    inverse = np.zeros(q.shape[:-1] + (1,), dtype=v.dtype)  # (..., N, 1)
+    used_query_stabiliser = np.zeros_like(inverse) if kernel == "softmax" else None  # (..., N, 1)
+    for rows in blocks:
+        query_rows, places = block_queries(rows, n_queries, shift)
+        frame, query_cache = framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places)
+        valid = None if key_valid is None else key_valid[..., rows]
+        key_features, _ = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., L, F)
+        numerator, denominator = scan_forward(frame, key_features, v[..., rows, :], state, key_sum, chunk_size)
+
+        # 3. Row normalisation of the block's queries.
+        if query_cache is not None:
+            out[..., query_rows, :], inverse[..., query_rows, :] = row_normalise(
+                numerator[..., places, :], denominator[..., places, :]
+            )
+            if kernel == "softmax":
+                used_query_stabiliser[..., query_rows, :] = query_cache["stabiliser"]
+
+    cache = {
+        "causal": True, "kernel": kernel, "q": q, "k": k, "v": v, "features": features, "eps": eps,
+        "key_valid": key_valid, "blocks": blocks, "chunk_size": chunk_size, "inverse": inverse, "out": out,
+        "query_stabiliser": query_stabiliser, "key_argmax": key_argmax,
+        "stabilisers": (used_query_stabiliser, key_stabiliser),
+    }
+    return out, cache
+
+
+def causal_favor_backward(dout, cache):
+    """Backward of causal_favor_forward, recomputing the feature blocks.
+
+    With dnumerator = dout / denominator and ddenominator = -rowsum(dout * out) /
+    denominator, a forward pass over the blocks rebuilds the prefix sums and
+    gives the query features' gradients (scan_backward_queries), and a reverse
+    pass carries the suffix sums and gives the key features' and values'
+    gradients (scan_backward_keys). The feature maps' backward then gives dq
+    and dk, with the shared key stabiliser's gradient summed over the blocks
+    and added at its argmax, as in bidirectional_favor_backward.
+    Returns (dq, dk, dv).
+    """
+    q, k, v, features = cache["q"], cache["k"], cache["v"], cache["features"]
+    kernel, eps, key_valid, chunk_size = cache["kernel"], cache["eps"], cache["key_valid"], cache["chunk_size"]
+    inverse, out, blocks = cache["inverse"], cache["out"], cache["blocks"]
+    query_stabiliser, (_, key_stabiliser) = cache["query_stabiliser"], cache["stabilisers"]
+    key_argmax = cache["key_argmax"]
+    _, features_backward = FEATURE_MAPS[kernel]
+    n_queries, shift = q.shape[-2], k.shape[-2] - q.shape[-2]
+
+    # 3. out = numerator / denominator (zero rows, with inverse 0, send nothing back).
+    dnumerator = dout * inverse  # (..., N, Dv)
+    ddenominator = -np.sum(dout * out, axis=-1, keepdims=True) * inverse  # (..., N, 1)
+
+    def block_inputs(rows):
+        query_rows, places = block_queries(rows, n_queries, shift)
+        frame, query_cache = framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places)
+        valid = None if key_valid is None else key_valid[..., rows]
+        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
+        dframe_numerator = framed_rows(dnumerator, rows, query_rows, places)  # (..., L, Dv)
+        dframe_denominator = framed_rows(ddenominator, rows, query_rows, places)  # (..., L, 1)
+        return query_rows, places, frame, query_cache, key_features, key_cache, dframe_numerator, dframe_denominator
+
+    # 2. Forward pass: the queries read the prefix sums S and z.
+    dq = np.zeros_like(q)  # queries before every key get no gradient
+    state, key_sum = empty_sums(features.shape[0], v)
+    for rows in blocks:
+        query_rows, places, frame, query_cache, key_features, _, dframe_numerator, dframe_denominator = block_inputs(rows)
+        dframe = scan_backward_queries(
+            frame, key_features, v[..., rows, :], dframe_numerator, dframe_denominator, state, key_sum, chunk_size
+        )  # (..., L, F)
+        if query_cache is not None:
+            dq[..., query_rows, :] = features_backward(dframe[..., places, :], query_cache)
+
+    # Reverse pass: keys and values receive what later queries sent back.
+    dk, dv = np.empty_like(k), np.empty_like(v)
+    suffix_state, suffix_sum = empty_sums(features.shape[0], v)
+    dstabiliser = np.zeros(k.shape[:-2] + (1, 1), dtype=k.dtype)  # dc: (..., 1, 1)
+    for rows in reversed(blocks):
+        _, _, frame, _, key_features, key_cache, dframe_numerator, dframe_denominator = block_inputs(rows)
+        dkey_features, dv[..., rows, :] = scan_backward_keys(
+            frame, key_features, v[..., rows, :], dframe_numerator, dframe_denominator, suffix_state, suffix_sum,
+            chunk_size,
+        )  # (..., L, F), (..., L, Dv)
+        dk[..., rows, :] = features_backward(dkey_features, key_cache)
+        if key_argmax is not None:
+            dstabiliser += key_stabiliser_gradient(dkey_features, key_features, key_cache)
+
+    # 1. The shared key stabiliser c = u_lj at its argmax (l, j).
+    if key_argmax is not None:
+        add_key_stabiliser_gradient(dk, k, features, key_argmax, dstabiliser)
     return dq, dk, dv
 
 
@@ -821,57 +1051,25 @@ def favor_attention_forward(
             block_rows=block_rows,
         )
 
-    # Causal: the scan over chunks reads the whole feature maps.
-    query_stabiliser, key_stabiliser = ("row", "shared") if stabilisers is None else stabilisers
-
-    # 1. Query features phi(Q), stabilised per row.
-    query_features, query_cache = feature_map(kernel, q, features, eps, query_stabiliser, None)  # (..., N, F)
-
-    # 2. Key features phi(K), one stabiliser shared by all valid keys, padded rows zero.
-    key_features, key_cache = feature_map(kernel, k, features, eps, key_stabiliser, key_valid)  # (..., M, F)
-
-    # 3. Linear attention on the features, never forming the N x M matrix.
-    out, attention_cache = linear_attention_forward(
-        query_features, key_features, v, causal=True, chunk_size=chunk_size
-    )  # (..., N, Dv)
-
-    cache = {
-        "causal": True,
-        "kernel": kernel,
-        "query": query_cache,
-        "key": key_cache,
-        "attention": attention_cache,
-        "inverse": attention_cache["inverse"],
-        "features": features,
-        "stabilisers": (query_cache["stabiliser"], key_cache["stabiliser"]),
-    }
-    return out, cache
+    return causal_favor_forward(
+        q, k, v, features, key_valid=key_valid, kernel=kernel, eps=eps, stabilisers=stabilisers,
+        chunk_size=chunk_size, block_rows=block_rows,
+    )
 
 
 def favor_attention_backward(dout, cache):
     """Backward of favor_attention_forward with the features held fixed.
 
-    The cache contains the sub-caches of the two feature maps and the linear
-    attention (causal), or the inputs and key summaries (bidirectional, see
-    bidirectional_favor_backward). Stabilisers the forward computed are
+    The cache contains the inputs, the stabilisers and the blocks; the
+    features are recomputed block by block (see bidirectional_favor_backward
+    and causal_favor_backward). Stabilisers the forward computed are
     differentiated as maxima (see softmax_kernel_features_backward);
     stabilisers passed in are constants. Returns (dq, dk, dv).
     """
-    out = cache["out"] if not cache["causal"] else cache["attention"]["out"]
-    check_upstream("dout", dout, out.shape)
-    if not cache["causal"]:
-        return bidirectional_favor_backward(dout, cache)
-    _, features_backward = FEATURE_MAPS[cache["kernel"]]
-
-    # 3. out = linear attention on phi(Q), phi(K), V.
-    dquery_features, dkey_features, dv = linear_attention_backward(dout, cache["attention"])
-
-    # 2. phi(K)
-    dk = features_backward(dkey_features, cache["key"])
-
-    # 1. phi(Q)
-    dq = features_backward(dquery_features, cache["query"])
-    return dq, dk, dv
+    check_upstream("dout", dout, cache["out"].shape)
+    if cache["causal"]:
+        return causal_favor_backward(dout, cache)
+    return bidirectional_favor_backward(dout, cache)
 
 
 def check_favor_inputs(q, k, v, features, kernel, eps, key_valid):

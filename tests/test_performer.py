@@ -236,17 +236,20 @@ def test_gradcheck_large_norms_moves_stabilisers(seed, causal, eps, padded, bloc
 
 @pytest.mark.parametrize("kernel, eps, size", [("softmax", 1e-3, 3.0), ("softmax", 0.0, 1.0), ("relu", 1e-3, 1.0)])
 @pytest.mark.parametrize("block_rows", [1, 2, 3])
-def test_row_blocks_give_the_one_block_result(rng, kernel, eps, size, block_rows):
+@pytest.mark.parametrize("causal, n_queries, n_keys", [(False, 5, 8), (True, 5, 8), (True, 8, 5)])
+def test_row_blocks_give_the_one_block_result(rng, kernel, eps, size, block_rows, causal, n_queries, n_keys):
     # Large norms with eps > 0 make the output depend on the shared key
     # stabiliser, so its gradient, summed over key blocks, must reach the right key.
-    q, k, v = attention_inputs(rng, 5, 8, scale=size)
+    # Causal with N > M leaves the first queries without a key, in no block.
+    q, k, v = attention_inputs(rng, n_queries, n_keys, scale=size)
     features = draw_features(6, 4, rng)
-    key_valid = np.ones((2, 1, 8), dtype=bool)
+    key_valid = np.ones((2, 1, n_keys), dtype=bool)
     key_valid[1, :, 3:] = False  # the second sequence's last blocks are all padding
-    options = {"kernel": kernel, "eps": eps, "key_valid": key_valid}
+    options = {"kernel": kernel, "eps": eps, "key_valid": key_valid, "causal": causal, "chunk_size": 1}
     expected, expected_cache = favor_attention_forward(q, k, v, features, block_rows=8, **options)
     out, cache = favor_attention_forward(q, k, v, features, block_rows=block_rows, **options)
-    assert len(cache["blocks"][1]) == -(-8 // block_rows)
+    key_blocks = cache["blocks"] if causal else cache["blocks"][1]
+    assert len(key_blocks) == -(-n_keys // block_rows)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
     for used, reference in zip(cache["stabilisers"], expected_cache["stabilisers"]):
         if kernel == "relu":
