@@ -16,19 +16,47 @@ from setuptools.command.build_ext import build_ext
 
 
 class OptionalBuildExt(build_ext):
-    """Build extensions, but warn instead of failing when a build breaks."""
+    """Build extensions, but warn instead of failing when a build breaks.
+
+    When a build fails, a compiled extension left in the source tree by an
+    earlier build (an editable install or build_ext --inplace) is removed,
+    so that miniattn does not load a stale build of older sources and runs
+    on its NumPy kernels as the warning says.
+    """
 
     def run(self):
+        self.failed = []
         try:
             super().run()
         except Exception as error:  # compiler missing, headers missing, ...
             self._warn(error)
+            self._remove_stale_copies(self.extensions)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as error:
+            self.failed.append(ext)
             self._warn(error)
+            self._remove_stale_copies([ext])
+
+    def copy_extensions_to_source(self):
+        # An extension that failed to build has nothing to copy into the tree.
+        built = [ext for ext in self.extensions if ext not in self.failed]
+        if built:
+            extensions, self.extensions = self.extensions, built
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = extensions
+
+    def _remove_stale_copies(self, extensions):
+        for ext in extensions:
+            package_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), *ext.name.split(".")[:-1])
+            for path in glob.glob(os.path.join(package_dir, ext.name.split(".")[-1] + ".*")):
+                if path.endswith((".so", ".pyd")):
+                    os.remove(path)
+                    sys.stderr.write(f"WARNING: removed {path}, an earlier build of {ext.name}.\n")
 
     def _warn(self, error):
         sys.stderr.write(
