@@ -21,7 +21,7 @@ class OptionalBuildExt(build_ext):
     When a build fails, a compiled extension left in the source tree by an
     earlier build (an editable install or build_ext --inplace) is removed,
     so that miniattn does not load a stale build of older sources and runs
-    on its NumPy kernels as the warning says.
+    on its NumPy kernels, as the warning states.
     """
 
     def run(self):

@@ -17,7 +17,10 @@ calls, so a new method joins all three by adding its entry here.
 """
 
 import importlib
+import inspect
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -125,5 +128,24 @@ def load(name):
 
 
 def make_method(name, rng=None, **options):
-    """Build the named attention method object with the given options."""
-    return load(name)(rng=rng, **options)
+    """Build the named attention method object with the given options.
+
+    An option the method does not take raises ValueError listing the ones it does.
+    """
+    factory = load(name)
+    try:
+        return factory(rng=rng, **options)
+    except TypeError as error:
+        # Python rejects an unknown keyword before the constructor runs, so rng is untouched.
+        if "unexpected keyword argument" not in str(error):
+            raise
+    method_class = type(factory(rng=np.random.default_rng(0)))
+    accepted = [
+        parameter.name for parameter in inspect.signature(method_class.__init__).parameters.values()
+        if parameter.name not in ("self", "rng") and parameter.kind is not parameter.VAR_KEYWORD
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    raise ValueError(
+        f"attention method {name!r} has no option {', '.join(map(repr, unknown))}; "
+        f"its options are {', '.join(accepted) or 'none'}"
+    )

@@ -26,6 +26,7 @@ import os
 import pathlib
 import time
 import tracemalloc
+import zipfile
 
 import numpy as np
 
@@ -129,10 +130,7 @@ def check_method_name(name):
 def check_causal_method(name, options, context, dtype, heads=1):
     """Run the method once causally on a tiny input; raise ValueError saying why it cannot train the LM."""
     check_method_name(name)
-    try:
-        method = make_method(name, rng=np.random.default_rng(0), **options)
-    except TypeError as error:
-        raise ValueError(f"invalid options {options} for attention method {name!r}: {error}") from None
+    method = make_method(name, rng=np.random.default_rng(0), **options)
     q = np.random.default_rng(0).standard_normal((1, heads, context, 4)).astype(dtype)  # (1, H, N, 4)
     try:
         method.forward(q, q, q, causal=True)
@@ -493,8 +491,11 @@ def read_checkpoint(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as error:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file ({error})") from None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a readable .npz file; expected a checkpoint written by "
+            f"python -m miniattn train --save"
+        ) from None
     if "config" not in arrays or "vocabulary" not in arrays:
         raise ValueError(
             f"checkpoint {str(path)!r} has no configuration or vocabulary; "

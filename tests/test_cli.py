@@ -6,7 +6,7 @@ import pytest
 
 from miniattn.benchmarks.harness import crossover
 from miniattn.cli import main
-from miniattn.methods import METHODS
+from miniattn.methods import METHODS, make_method
 
 
 def test_no_command_prints_usage(capsys):
@@ -50,6 +50,9 @@ def test_gradcheck_unknown_method_names_the_choices(capsys):
         (["bench", "--repeat", "0", "--n", "64"], "argument --repeat: 0 is invalid"),
         (["bench", "--n", "abc"], "argument --n: 'abc' is not an integer"),
         (["bench", "--n", "64,0"], "argument --n: 0 is invalid"),
+        (["bench", "--n", "64,,128"], "has an empty entry"),
+        (["ring", "-P", "abc"], "argument --workers/-P: 'abc' is not an integer"),
+        (["bench", "--suite", "performer", "--qkv", "/nonexistent.npz"], "is not a readable .npz file"),
         (["bench", "--d", "0", "--n", "64"], "argument --d: 0 is invalid"),
         (["bench", "--suite", "dense", "--n", "0"], "argument --n: 0 is invalid"),
         (["bench", "--suite", "dense", "--quick", "--n", "64"], "leave out --n and --repeat"),
@@ -108,3 +111,8 @@ def test_tour_runs_and_ends_with_table(tmp_path, monkeypatch, capsys):
 )
 def test_crossover_needs_every_larger_size(method, baseline, expected):
     assert crossover([1, 2, 4], method, baseline) == expected
+
+
+def test_unknown_method_option_lists_the_options():
+    with pytest.raises(ValueError, match="'longformer' has no option 'nosuch'; its options are window, dilation"):
+        make_method("longformer", nosuch=1)

@@ -87,9 +87,9 @@ def positive_int(text):
 
 def positive_int_list(text):
     """Parse comma-separated integers >= 1, such as "512,1024" (an argparse type)."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated positive integers")
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; expected comma-separated positive integers")
     return [positive_int(item) for item in items]
 
 

@@ -20,10 +20,12 @@ Run: python -m miniattn.benchmarks.performer [--quick] [--json PATH]
 
 import argparse
 import sys
+import zipfile
 
 import numpy as np
 
 from ..commands import help_description
+from ..core.validate import check_attention_inputs, check_float_array
 from ..performer import draw_features, favor_attention_backward, favor_attention_forward
 from ..transformer import attention_backward, attention_forward
 from .harness import (
@@ -86,12 +88,37 @@ def error_against_features(inputs, feature_counts, seeds, *, causal=False):
     return results
 
 
+def load_qkv(path):
+    """Return float64 (q, k, v) from an .npz file with the float arrays q, k and v (..., N, D).
+
+    Raises ValueError or TypeError naming the file and what is wrong with it.
+    """
+    try:
+        saved = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        saved = None
+    if not hasattr(saved, "files"):  # missing, unreadable, or a single .npy array
+        raise ValueError(f"--qkv {path!r} is not a readable .npz file; expected one written by "
+                         f"python -m miniattn tour --save-inputs FILE.npz")
+    with saved:
+        missing = [name for name in ("q", "k", "v") if name not in saved.files]
+        if missing:
+            raise ValueError(f"--qkv {path!r} has no array {', '.join(missing)}; expected arrays q, k and v")
+        arrays = {name: saved[name] for name in ("q", "k", "v")}
+    try:
+        for name, array in arrays.items():
+            check_float_array(name, array, min_ndim=2)
+        check_attention_inputs(arrays["q"], arrays["k"], arrays["v"])
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"--qkv {path!r}: {error}") from None
+    return tuple(arrays[name].astype(np.float64) for name in ("q", "k", "v"))
+
+
 def run_quality(args, report):
     feature_counts = args.features_list
     seeds = range(args.seeds)
     if args.qkv:
-        saved = np.load(args.qkv)
-        cases = {args.qkv: tuple(np.asarray(saved[name], dtype=np.float64) for name in ("q", "k", "v"))}
+        cases = {args.qkv: load_qkv(args.qkv)}
     else:
         rng = np.random.default_rng(args.seed)
         cases = {
@@ -181,6 +208,8 @@ def run_cost(args, report):
                 for what in ("time", "memory", "backward_time")
             }
     print(f"\nScaling exponents over N >= {args.fit_from} (log-log slope):")
+    if not exponents:
+        print(f"  none: fewer than two measured N at or above {args.fit_from}")
     for name, exponent in exponents.items():
         print(f"  {name:<13} time {exponent['time']:.2f}   memory {exponent['memory']:.2f}   "
               f"backward time {exponent['backward_time']:.2f}")
@@ -212,6 +241,11 @@ def main(argv=None):
                         help="largest N for dense attention (its float32 N x N matrix takes 4 N^2 bytes)")
     parser.add_argument("--fit-from", type=positive_int, default=4096, help="smallest N in the exponent fits")
     args = parser.parse_args(argv)
+    if args.qkv:
+        try:
+            load_qkv(args.qkv)
+        except (ValueError, TypeError) as error:
+            parser.error(str(error))
     if args.quick:
         args.lengths = [512, 1024, 2048, 4096, 8192]
         args.features_list = [16, 64, 256]

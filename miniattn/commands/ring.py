@@ -10,18 +10,11 @@ import argparse
 
 import numpy as np
 
-from ..benchmarks.harness import format_bytes, format_table
+from ..benchmarks.harness import format_bytes, format_table, positive_int
 from ..ring import START_METHODS, draw_timeline, send_compute_overlaps, simulate
 from ..ring_attention import LAYOUTS
 from ..transformer import attention_backward, attention_forward
 from . import help_description
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= 1")
-    return value
 
 
 def build_parser():

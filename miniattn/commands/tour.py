@@ -320,11 +320,14 @@ def main(argv):
         for row in sorted(rows, key=lambda row: info(row["name"]).year)
     ]
     print(
+        "mode: causal, or bidir for a method that runs only bidirectionally.\n"
+        "last query sees: the share of keys the last query attends (1 query of N); mass kept averages all.\n"
         "output error: |out - exact| / |exact| against exact attention on the same q, k, v (Frobenius norms).\n"
-        "  Reformer shares queries and keys (it ignores k), so its error is against a different function.\n"
+        "  Reformer shares queries and keys (it ignores k), so its error is against a different function;\n"
+        "  Transformer-XL adds relative position terms, and Performer approximates the softmax weights.\n"
         "mass kept: the share of exact attention's probability mass on the keys the method lets each query\n"
-        "  see, averaged over heads and queries (1.000 for methods that see every key, such as the Performer, which\n"
-        "  approximates the weights instead of dropping keys).\n"
+        "  see, averaged over heads and queries (1.000 for methods that see every key).\n"
+        "forward, fwd+bwd: best of the timed calls; peak memory: tracemalloc peak of one forward+backward.\n"
         "gradcheck: the largest relative error of the method's own small float64 cases; on passage: the same\n"
         f"  check on the last {SLICE_LENGTH} positions of the passage.\n"
     )
