@@ -154,7 +154,9 @@ def attention_forward(
     # and saves a pass over N x M.
     q_scaled = q * q.dtype.type(scale)  # (..., N, D)
     k_transposed = np.swapaxes(k, -1, -2)  # (..., D, M)
-    values_ones = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1)  # V1 = [V | 1]: (..., M, Dv + 1)
+    # V1 = [V | 1] copies V, which pays only when E, with N rows, is larger than V1
+    # with Dv + 1 columns (not when each batch entry holds one query, as in windows).
+    values_ones = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1) if n_queries > v.shape[-1] + 1 else None
     weights = np.empty(scores_shape, dtype=q.dtype)  # E: (..., N, M)
     row_sums = np.empty(q.shape[:-1] + (1,), dtype=q.dtype)  # l: (..., N, 1)
     out = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)  # (..., N, Dv)
@@ -171,13 +173,18 @@ def attention_forward(
         # 2. Unnormalised weights E = exp(S - row max) over the allowed keys.
         exp_shifted_inplace(block, query_rows(allowed, rows))
 
-        # 3. Output P V = (E V) / l, with E V and l = rowsum(E) from one product.
-        # Dividing the (R, Dv) product by l replaces a division of the (R, M) block.
-        numerator_sums = block @ values_ones  # (..., R, M) @ (..., M, Dv + 1) -> (..., R, Dv + 1)
-        block_sums = numerator_sums[..., -1:]  # l: (..., R, 1)
+        # 3. Output P V = (E V) / l, with E V and l = rowsum(E) from one product
+        # E V1 when V1 is kept. Dividing the (R, Dv) product by l replaces a
+        # division of the (R, M) block.
+        if values_ones is not None:
+            numerator_sums = block @ values_ones  # (..., R, M) @ (..., M, Dv + 1) -> (..., R, Dv + 1)
+            numerator, block_sums = numerator_sums[..., :-1], numerator_sums[..., -1:]  # (..., R, Dv), l: (..., R, 1)
+        else:
+            numerator = block @ v  # (..., R, M) @ (..., M, Dv) -> (..., R, Dv)
+            block_sums = np.sum(block, axis=-1, keepdims=True)  # l: (..., R, 1)
         block_sums[block_sums == 0] = 1.0  # a row with no allowed key keeps E = 0 and O = 0
         row_sums[..., rows, :] = block_sums
-        out[..., rows, :] = numerator_sums[..., :-1] / block_sums
+        out[..., rows, :] = numerator / block_sums
 
     cache = {
         "q": q, "k": k, "v": v, "q_scaled": q_scaled, "values_ones": values_ones,
@@ -212,16 +219,19 @@ def attention_backward(dout, cache):
     scale = q.dtype.type(cache["scale"])
     dout_scaled = dout / row_sums  # dO': (..., N, Dv)
     row_dot = np.sum(dout * out, axis=-1, keepdims=True) / row_sums  # r': (..., N, 1)
-    # [dO' | -r'] V1^T = dO' V^T - r' 1^T: the subtraction comes out of the product.
-    dout_row_dot = np.concatenate([dout_scaled, -row_dot], axis=-1)  # (..., N, Dv + 1)
+    values_ones = cache["values_ones"]
+    if values_ones is not None:
+        # [dO' | -r'] V1^T = dO' V^T - r' 1^T: the subtraction comes out of the product.
+        left = np.concatenate([dout_scaled, -row_dot], axis=-1)  # (..., N, Dv + 1)
+        right = np.swapaxes(values_ones, -1, -2)  # V1^T: (..., Dv + 1, M)
+    else:
+        left, right = dout_scaled, np.swapaxes(v, -1, -2)  # (..., N, Dv), (..., Dv, M)
 
     # 3. out = (E V) / l: dV = E^T dO', one product over all rows.
     dv = np.swapaxes(weights, -1, -2) @ dout_scaled  # (..., M, N) @ (..., N, Dv) -> (..., M, Dv)
 
-    k_scaled = k * scale  # (..., M, D)
-    values_ones_transposed = np.swapaxes(cache["values_ones"], -1, -2)  # V1^T: (..., Dv + 1, M)
     dq = np.empty_like(q)
-    dk = np.zeros_like(k)
+    dk = None
     if cache["bias_shape"] is not None:
         dscores = np.empty_like(weights)  # every block of dS is kept for dbias
     else:
@@ -231,12 +241,19 @@ def attention_backward(dout, cache):
         block = dscores[..., rows, :] if cache["bias_shape"] is not None else dscores[..., :size, :]
 
         # 2. dS = E * (dO' V^T - r') = E * ([dO' | -r'] V1^T), in place in the block.
-        np.matmul(dout_row_dot[..., rows, :], values_ones_transposed, out=block)  # (..., R, Dv + 1) @ (..., Dv + 1, M)
+        np.matmul(left[..., rows, :], right, out=block)  # (..., R, Dv [+ 1]) @ (..., Dv [+ 1], M) -> (..., R, M)
+        if values_ones is None:
+            block -= row_dot[..., rows, :]
         block *= weights[..., rows, :]
 
-        # 1. S = q k^T * scale + bias: dq = dS k scale, dk = dS^T q scale.
-        np.matmul(block, k_scaled, out=dq[..., rows, :])  # (..., R, M) @ (..., M, D) -> (..., R, D)
-        dk += np.swapaxes(block, -1, -2) @ q_scaled[..., rows, :]  # (..., M, R) @ (..., R, D) -> (..., M, D)
+        # 1. S = q k^T * scale + bias: dq = dS k scale, dk = dS^T q scale (summed over blocks).
+        np.matmul(block, k, out=dq[..., rows, :])  # (..., R, M) @ (..., M, D) -> (..., R, D)
+        dq[..., rows, :] *= scale  # scaling the (R, D) result instead of k saves a copy of k
+        dk_block = np.swapaxes(block, -1, -2) @ q_scaled[..., rows, :]  # (..., M, R) @ (..., R, D) -> (..., M, D)
+        if dk is None:
+            dk = dk_block
+        else:
+            dk += dk_block
 
     if cache["bias_shape"] is not None:
         return dq, dk, dv, reduce_to_shape(dscores, cache["bias_shape"])

@@ -43,7 +43,8 @@ def random_qkv(rng, n, m, batch=(2, 3), width=4, value_width=5):
     return q, k, v
 
 
-@pytest.mark.parametrize("n, m", [(4, 4), (3, 6), (6, 3)])
+# N > Dv + 1 = 6 takes the path that appends a column of ones to V; the others do not.
+@pytest.mark.parametrize("n, m", [(4, 4), (3, 6), (6, 3), (8, 5)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_matches_row_loop(rng, n, m, causal):
     q, k, v = random_qkv(rng, n, m)
@@ -53,7 +54,7 @@ def test_attention_matches_row_loop(rng, n, m, causal):
     np.testing.assert_allclose(out, loop_attention(q, k, v, allowed, 1 / np.sqrt(4)), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("n, m", [(3, 5), (5, 3), (4, 4)])
+@pytest.mark.parametrize("n, m", [(3, 5), (5, 3), (4, 4), (8, 3)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_gradcheck(n, m, causal, seed):
