@@ -29,9 +29,10 @@ dS = E * ((dO / l) V^T - rowsum(dO * O) / l): every division by l happens
 on an (N, Dv) array instead of the (N, M) one. With V1 = [V | 1], the values
 with a column of ones appended (M, Dv + 1), one product gives both the
 numerator and the row sums, E V1 = [E V | l], and one product gives dS / E,
-[dO / l | -rowsum(dO * O) / l] V1^T. Each saves a pass over N x M. The query
-rows are processed in blocks (ROW_BLOCK), so that a block's slice of S
-stays in cache through its passes.
+[dO / l | -rowsum(dO * O) / l] V1^T. Each saves a pass over N x M; V1 is
+used only when N > Dv + 1, where that pass costs more than the copy of V.
+The query rows are processed in blocks (ROW_BLOCK), so that a block's
+slice of S stays in cache through its passes.
 
 Multi-head attention projects x_q (B, N, C) and x_kv (B, M, C) into H heads,
 attends in each head, concatenates the heads and projects back:
