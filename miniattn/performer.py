@@ -84,7 +84,8 @@ stabiliser. Bidirectional, a second pass sums kv = phi(K)^T V and
 phi(K)^T 1, and each query block then gives its output rows. Causal, each
 block of key positions gets its key features and those of the queries that
 sit there, and the scan runs over the block, carrying S and z into the next.
-The backward recomputes the blocks. A block of features stays in the CPU
+The backward recomputes the blocks, unless the whole input fits in one
+block, whose features the cache then keeps. A block of features stays in the CPU
 cache through its elementwise passes, while whole (N, F) arrays would travel
 to memory and back for each pass. So the blocks keep the time linear in N,
 and the recomputation costs one or two more feature maps per input.
@@ -721,7 +722,8 @@ def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, st
     block gives its output rows. One block of features stays in cache through
     its elementwise passes (exp, eps, scaling), where whole (N, F) arrays
     would go out to memory and back for each pass, so time stays linear in N.
-    No (N, F) array is kept: the backward recomputes the feature blocks.
+    No (N, F) array is kept: the backward recomputes the feature blocks, except
+    that a single query block or key block is small and kept in the cache.
     Returns (out, cache) with out (..., N, Dv).
     """
     n_queries, n_keys = q.shape[-2], k.shape[-2]
@@ -741,9 +743,11 @@ def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, st
     key_sum = np.zeros(batch_shape + (num_features,), dtype=v.dtype)  # (..., F)
     for rows in key_blocks:
         valid = None if key_valid is None else key_valid[..., rows]
-        key_features, _ = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., C, F)
+        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., C, F)
         kv += np.swapaxes(key_features, -1, -2) @ v[..., rows, :]  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
         key_sum += np.sum(key_features, axis=-2)
+    # A single key block (and below, a single query block) is small: the backward reuses it.
+    kept_keys = (key_features, key_cache) if len(key_blocks) == 1 else None
 
     # 3. Each query block: numerator phi(Q) kv, denominator phi(Q) key_sum, row normalisation.
     out = np.empty(batch_shape + (n_queries, value_width), dtype=v.dtype)  # (..., N, Dv)
@@ -757,18 +761,20 @@ def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, st
         out[..., rows, :], inverse[..., rows, :] = row_normalise(numerator, denominator)
         if kernel == "softmax":
             used_query_stabiliser[..., rows, :] = query_cache["stabiliser"]
+    kept_queries = (query_features, query_cache) if len(query_blocks) == 1 else None
 
     cache = {
         "causal": False, "kernel": kernel, "q": q, "k": k, "v": v, "features": features, "eps": eps,
         "key_valid": key_valid, "blocks": (query_blocks, key_blocks), "kv": kv, "key_sum": key_sum,
         "inverse": inverse, "out": out, "query_stabiliser": query_stabiliser,
         "key_argmax": key_argmax, "stabilisers": (used_query_stabiliser, key_stabiliser),
+        "kept_queries": kept_queries, "kept_keys": kept_keys,
     }
     return out, cache
 
 
 def bidirectional_favor_backward(dout, cache):
-    """Backward of bidirectional_favor_forward, recomputing the feature blocks.
+    """Backward of bidirectional_favor_forward, recomputing the feature blocks (or reusing a single one).
 
     With numerator = phi(Q) kv, denominator = phi(Q) key_sum and
     out = numerator / denominator:
@@ -797,8 +803,11 @@ def bidirectional_favor_backward(dout, cache):
     dkv = np.zeros_like(kv)  # (..., F, Dv)
     dkey_sum = np.zeros_like(key_sum)  # (..., F)
     for rows in query_blocks:
-        stabiliser = "row" if query_stabiliser is None else query_stabiliser[..., rows, :]
-        query_features, query_cache = feature_map(kernel, q[..., rows, :], features, eps, stabiliser, None)
+        if cache["kept_queries"] is not None:
+            query_features, query_cache = cache["kept_queries"]
+        else:
+            stabiliser = "row" if query_stabiliser is None else query_stabiliser[..., rows, :]
+            query_features, query_cache = feature_map(kernel, q[..., rows, :], features, eps, stabiliser, None)
         block_inverse, block_dout = inverse[..., rows, :], dout[..., rows, :]  # (..., C, 1), (..., C, Dv)
         dnumerator = block_dout * block_inverse  # (..., C, Dv)
         ddenominator = -np.sum(block_dout * out[..., rows, :], axis=-1, keepdims=True) * block_inverse  # (..., C, 1)
@@ -813,7 +822,10 @@ def bidirectional_favor_backward(dout, cache):
     dstabiliser = np.zeros(k.shape[:-2] + (1, 1), dtype=k.dtype)  # dc: (..., 1, 1)
     for rows in key_blocks:
         valid = None if key_valid is None else key_valid[..., rows]
-        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
+        if cache["kept_keys"] is not None:
+            key_features, key_cache = cache["kept_keys"]
+        else:
+            key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
         dkey_features = v[..., rows, :] @ np.swapaxes(dkv, -1, -2)  # (..., C, Dv) @ (..., Dv, F) -> (..., C, F)
         dkey_features += dkey_sum[..., None, :]
         dk[..., rows, :] = features_backward(dkey_features, key_cache)
@@ -896,7 +908,8 @@ def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilise
     positions gets its key features and the features of the queries that sit
     there, and the causal scan (scan_forward) runs over it, carrying the
     prefix sums S and z into the next block. No (N, F) array is kept: the
-    backward recomputes the blocks. Returns (out, cache) with out (..., N, Dv).
+    backward recomputes the blocks, except that a single block is small and
+    kept in the cache. Returns (out, cache) with out (..., N, Dv).
     """
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     shift = n_keys - n_queries
@@ -914,11 +927,14 @@ def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilise
     out = np.zeros(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype)  # (..., N, Dv); queries before every key stay 0
     inverse = np.zeros(q.shape[:-1] + (1,), dtype=v.dtype)  # (..., N, 1)
     used_query_stabiliser = np.zeros_like(inverse) if kernel == "softmax" else None  # (..., N, 1)
+    kept_block = None
     for rows in blocks:
         query_rows, places = block_queries(rows, n_queries, shift)
         frame, query_cache = framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places)
         valid = None if key_valid is None else key_valid[..., rows]
-        key_features, _ = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., L, F)
+        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., L, F)
+        if len(blocks) == 1:  # one block is small: the backward reuses it instead of recomputing it
+            kept_block = (frame, query_cache, key_features, key_cache)
         numerator, denominator = scan_forward(frame, key_features, v[..., rows, :], state, key_sum, chunk_size)
 
         # 3. Row normalisation of the block's queries.
@@ -933,13 +949,13 @@ def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilise
         "causal": True, "kernel": kernel, "q": q, "k": k, "v": v, "features": features, "eps": eps,
         "key_valid": key_valid, "blocks": blocks, "chunk_size": chunk_size, "inverse": inverse, "out": out,
         "query_stabiliser": query_stabiliser, "key_argmax": key_argmax,
-        "stabilisers": (used_query_stabiliser, key_stabiliser),
+        "stabilisers": (used_query_stabiliser, key_stabiliser), "kept_block": kept_block,
     }
     return out, cache
 
 
 def causal_favor_backward(dout, cache):
-    """Backward of causal_favor_forward, recomputing the feature blocks.
+    """Backward of causal_favor_forward, recomputing the feature blocks (or reusing a single one).
 
     With dnumerator = dout / denominator and ddenominator = -rowsum(dout * out) /
     denominator, a forward pass over the blocks rebuilds the prefix sums and
@@ -964,9 +980,14 @@ def causal_favor_backward(dout, cache):
 
     def block_inputs(rows):
         query_rows, places = block_queries(rows, n_queries, shift)
-        frame, query_cache = framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places)
-        valid = None if key_valid is None else key_valid[..., rows]
-        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
+        if cache["kept_block"] is not None:
+            frame, query_cache, key_features, key_cache = cache["kept_block"]
+        else:
+            frame, query_cache = framed_query_features(
+                kernel, q, features, eps, query_stabiliser, rows, query_rows, places
+            )
+            valid = None if key_valid is None else key_valid[..., rows]
+            key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)
         dframe_numerator = framed_rows(dnumerator, rows, query_rows, places)  # (..., L, Dv)
         dframe_denominator = framed_rows(ddenominator, rows, query_rows, places)  # (..., L, 1)
         return query_rows, places, frame, query_cache, key_features, key_cache, dframe_numerator, dframe_denominator
