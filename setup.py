@@ -19,9 +19,9 @@ class OptionalBuildExt(build_ext):
     """Build extensions, but warn instead of failing when a build breaks.
 
     When a build fails, a compiled extension left in the source tree by an
-    earlier build (an editable install or build_ext --inplace) is removed,
-    so that miniattn does not load a stale build of older sources and runs
-    on its NumPy kernels, as the warning states.
+    earlier build (an editable install or build_ext --inplace) is removed.
+    miniattn then runs on its NumPy kernels, as the warning states, instead
+    of loading a stale build of older sources.
     """
 
     def run(self):
