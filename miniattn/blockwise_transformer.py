@@ -40,7 +40,7 @@ from .core.online_softmax import (
     partial_attention_forward,
     tile_ranges,
 )
-from .core.validate import check_float_array, check_int
+from .core.validate import check_int, check_layer_inputs
 from .nn.functional import ACTIVATIONS, feed_forward_backward, feed_forward_forward, linear_backward, linear_forward
 from .transformer import MHA_PARAM_NAMES, merge_heads, split_heads
 
@@ -91,19 +91,11 @@ def blockwise_transformer_forward(x, params, *, n_heads, causal=False, block_siz
     Q, K, V, the attention output A (B, H, N, D), its lse (B, H, N) and the
     residual stream h (B, N, C), all O(N C).
     """
-    check_float_array("x", x, min_ndim=3)
-    if x.ndim != 3:
-        raise ValueError(f"x has shape {x.shape}; expected (B, N, C)")
-    missing = [name for name in LAYER_PARAM_NAMES if name not in params]
-    if missing:
-        raise ValueError(f"params is missing {missing}; expected keys {list(LAYER_PARAM_NAMES)}")
-    check_int("n_heads", n_heads, minimum=1)
+    check_layer_inputs(x, params, LAYER_PARAM_NAMES, n_heads)
     check_int("block_size", block_size, minimum=1)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is invalid; expected one of {', '.join(ACTIVATIONS)}")
     width = x.shape[-1]
-    if width % n_heads:
-        raise ValueError(f"model width {width} is not divisible by n_heads={n_heads}")
     length = x.shape[1]
     scale = 1.0 / np.sqrt(width // n_heads)
 

@@ -58,7 +58,7 @@ from .core.sparse import (
     multihead_sparse_forward,
     multihead_sparse_keys_seen,
 )
-from .core.validate import check_attention_inputs, check_float_array, check_int, check_same_dtype
+from .core.validate import check_attention_inputs, check_int, check_layer_inputs, check_same_dtype
 from .transformer import init_mha_params, merge_heads, split_heads
 
 DEFAULT_WINDOW = 256  # one-sided; the Hugging Face default attention_window=512 is two-sided
@@ -361,15 +361,7 @@ def self_attention_forward(
 
     Returns (y (B, N, C), cache).
     """
-    check_float_array("x", x, min_ndim=3)
-    if x.ndim != 3:
-        raise ValueError(f"x has shape {x.shape}; expected (B, N, C)")
-    missing = [name for name in LAYER_PARAM_NAMES if name not in params]
-    if missing:
-        raise ValueError(f"params is missing {missing}; expected keys {list(LAYER_PARAM_NAMES)}")
-    check_int("n_heads", n_heads, minimum=1)
-    if x.shape[-1] % n_heads:
-        raise ValueError(f"model width {x.shape[-1]} is not divisible by n_heads={n_heads}")
+    check_layer_inputs(x, params, LAYER_PARAM_NAMES, n_heads)
 
     # 1. Six projections of the same x (local and global queries, keys, values), split into heads.
     projected = {

@@ -456,7 +456,7 @@ def causal_sums_forward(query_features, key_features, v, chunk_size):
 
 
 def causal_sums_backward(dnumerator, ddenominator, cache):
-    """Backward of causal_sums_forward; returns (dquery_features, dkey_features, dv).
+    """Backward of causal_sums_forward. Returns (dquery_features, dkey_features, dv).
 
     Two scans with the chunk block recomputed: scan_backward_queries rebuilds
     the prefix sums that the queries read, and scan_backward_keys carries the
@@ -540,7 +540,7 @@ def chunk_gradients(frame_queries, key_features, v, dnumerator, ddenominator, ro
 
 
 def scan_backward_queries(frame_queries, key_features, v, dnumerator, ddenominator, state, key_sum, chunk_size):
-    """Gradient of the framed query features over L positions; the forward scan of the backward.
+    """Compute the framed query features' gradient over L positions: the backward's forward scan.
 
     The queries' gradients read the prefix sums S and z, which this scan
     rebuilds (advancing state and key_sum in place, as scan_forward does):
@@ -570,8 +570,10 @@ def scan_backward_queries(frame_queries, key_features, v, dnumerator, ddenominat
     return dframe_queries
 
 
-def scan_backward_keys(frame_queries, key_features, v, dnumerator, ddenominator, suffix_state, suffix_sum, chunk_size):
-    """Gradients of the key features and values over L positions; the reverse scan of the backward.
+def scan_backward_keys(
+    frame_queries, key_features, v, dnumerator, ddenominator, suffix_state, suffix_sum, chunk_size
+):
+    """Compute the key features' and values' gradients over L positions: the backward's reverse scan.
 
     Keys and values receive the suffix sums of what later queries sent back,
     G = sum_{later} Q'^T dnumerator (..., F, Dv) and g = sum_{later} Q'^T ddenominator
@@ -645,7 +647,7 @@ def row_blocks(length, block_rows):
 
 
 def default_block_rows(batch_shape, num_features):
-    """Rows per block so that a block of features (..., rows, F) holds about BLOCK_ENTRIES entries."""
+    """Return the rows per block for which a block of features (..., rows, F) has about BLOCK_ENTRIES entries."""
     return max(1, BLOCK_ENTRIES // (int(np.prod(batch_shape)) * num_features))
 
 
@@ -708,14 +710,14 @@ def resolve_stabilisers(kernel, stabilisers, k, features, key_valid, key_blocks)
 
 
 def row_normalise(numerator, denominator):
-    """Return (numerator / denominator, 1 / denominator); a row with denominator 0 stays zero."""
+    """Return (numerator / denominator, 1 / denominator). A row with denominator 0 stays zero."""
     inverse = np.zeros_like(denominator)  # (..., N, 1)
     np.divide(1.0, denominator, out=inverse, where=denominator > 0)
     return numerator * inverse, inverse
 
 
 def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilisers, block_rows):
-    """Bidirectional FAVOR+ with phi(Q) and phi(K) computed block_rows rows at a time.
+    """Compute bidirectional FAVOR+ with phi(Q) and phi(K) taken block_rows rows at a time.
 
     The inputs are checked by favor_attention_forward. The key blocks are
     summed into kv = phi(K)^T V and key_sum = phi(K)^T 1; then each query
@@ -743,7 +745,9 @@ def bidirectional_favor_forward(q, k, v, features, *, key_valid, kernel, eps, st
     key_sum = np.zeros(batch_shape + (num_features,), dtype=v.dtype)  # (..., F)
     for rows in key_blocks:
         valid = None if key_valid is None else key_valid[..., rows]
-        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., C, F)
+        key_features, key_cache = feature_map(
+            kernel, k[..., rows, :], features, eps, key_stabiliser, valid
+        )  # (..., C, F)
         kv += np.swapaxes(key_features, -1, -2) @ v[..., rows, :]  # (..., F, C) @ (..., C, Dv) -> (..., F, Dv)
         key_sum += np.sum(key_features, axis=-2)
     # A single key block (and below, a single query block) is small: the backward reuses it.
@@ -870,7 +874,7 @@ def block_queries(rows, n_queries, shift):
     """Return (query rows, their places in the block) for the queries at key positions `rows`.
 
     Query i sits at key position i + shift, so the block of positions
-    [p0, p1) holds the queries max(0, p0 - shift) .. min(N, p1 - shift) - 1.
+    [p0, p1) contains the queries max(0, p0 - shift) .. min(N, p1 - shift) - 1.
     """
     first = min(max(0, rows.start - shift), n_queries)
     last = max(first, min(n_queries, rows.stop - shift))
@@ -882,7 +886,7 @@ def framed_query_features(kernel, q, features, eps, query_stabiliser, rows, quer
 
     Positions without a query are zero rows. query_stabiliser is None (one c
     per row, computed) or the given c (..., N, 1). cache is None when the block
-    holds no query.
+    contains no query.
     """
     frame = np.zeros(q.shape[:-2] + (rows.stop - rows.start, features.shape[0]), dtype=q.dtype)  # (..., L, F)
     if query_rows.stop == query_rows.start:
@@ -901,7 +905,7 @@ def framed_rows(values, rows, query_rows, places):
 
 
 def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilisers, chunk_size, block_rows):
-    """Causal FAVOR+ with the features computed for one block of positions at a time.
+    """Compute causal FAVOR+ with the features taken one block of positions at a time.
 
     The inputs are checked by favor_attention_forward. A first pass over the
     key blocks finds the shared key stabiliser. Then each block of key
@@ -930,9 +934,13 @@ def causal_favor_forward(q, k, v, features, *, key_valid, kernel, eps, stabilise
     kept_block = None
     for rows in blocks:
         query_rows, places = block_queries(rows, n_queries, shift)
-        frame, query_cache = framed_query_features(kernel, q, features, eps, query_stabiliser, rows, query_rows, places)
+        frame, query_cache = framed_query_features(
+            kernel, q, features, eps, query_stabiliser, rows, query_rows, places
+        )  # (..., L, F)
         valid = None if key_valid is None else key_valid[..., rows]
-        key_features, key_cache = feature_map(kernel, k[..., rows, :], features, eps, key_stabiliser, valid)  # (..., L, F)
+        key_features, key_cache = feature_map(
+            kernel, k[..., rows, :], features, eps, key_stabiliser, valid
+        )  # (..., L, F)
         if len(blocks) == 1:  # one block is small: the backward reuses it instead of recomputing it
             kept_block = (frame, query_cache, key_features, key_cache)
         numerator, denominator = scan_forward(frame, key_features, v[..., rows, :], state, key_sum, chunk_size)
@@ -996,7 +1004,8 @@ def causal_favor_backward(dout, cache):
     dq = np.zeros_like(q)  # queries before every key get no gradient
     state, key_sum = empty_sums(features.shape[0], v)
     for rows in blocks:
-        query_rows, places, frame, query_cache, key_features, _, dframe_numerator, dframe_denominator = block_inputs(rows)
+        inputs = block_inputs(rows)
+        query_rows, places, frame, query_cache, key_features, _, dframe_numerator, dframe_denominator = inputs
         dframe = scan_backward_queries(
             frame, key_features, v[..., rows, :], dframe_numerator, dframe_denominator, state, key_sum, chunk_size
         )  # (..., L, F)
@@ -1054,7 +1063,7 @@ def favor_attention_forward(
       Given stabilisers are constants, so no gradient flows through them.
     - chunk_size: C, positions per chunk of the causal scan
     - block_rows: rows of q and of k whose features the bidirectional path
-      computes at once; by default a block holds about 2^18 feature entries
+      computes at once; by default a block has about 2^18 feature entries
 
     Returns (out, cache) with out (..., N, Dv). cache["stabilisers"] contains the
     stabilisers used ((None, None) for the relu kernel).

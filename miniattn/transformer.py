@@ -155,8 +155,8 @@ def attention_forward(
     # and saves a pass over N x M.
     q_scaled = q * q.dtype.type(scale)  # (..., N, D)
     k_transposed = np.swapaxes(k, -1, -2)  # (..., D, M)
-    # V1 = [V | 1] copies V, which pays only when E, with N rows, is larger than V1
-    # with Dv + 1 columns (not when each batch entry holds one query, as in windows).
+    # V1 = [V | 1] copies V. The copy pays only when E, with N rows, is larger than
+    # V1 with Dv + 1 columns, so it is skipped when each batch entry has one query.
     values_ones = np.concatenate([v, np.ones_like(v[..., :1])], axis=-1) if n_queries > v.shape[-1] + 1 else None
     weights = np.empty(scores_shape, dtype=q.dtype)  # E: (..., N, M)
     row_sums = np.empty(q.shape[:-1] + (1,), dtype=q.dtype)  # l: (..., N, 1)

@@ -295,8 +295,8 @@ def test_gradcheck_frozen_stabilisers(rng, causal):
     result = gradcheck(forward, favor_attention_backward, [q, k, v], names=["q", "k", "v"], rng=rng)
     result.assert_ok(1e-6)
     _, cache = forward(q, k, v)
-    for used, given in zip(cache["stabilisers"], frozen):
-        np.testing.assert_array_equal(used, given)
+    for used, frozen_stabiliser in zip(cache["stabilisers"], frozen):
+        np.testing.assert_array_equal(used, frozen_stabiliser)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -518,7 +518,7 @@ def test_fully_padded_sequence_gives_zero_output_and_gradients(rng):
     features = draw_features(6, 4, rng)
     key_valid = np.ones((2, 1, 5), dtype=bool)
     key_valid[1] = False  # the second sequence has no valid key
-    for causal, block_rows in ((False, None), (False, 2), (True, None)):
+    for causal, block_rows in ((False, None), (False, 2), (True, None), (True, 2)):
         out, cache = favor_attention_forward(q, k, v, features, causal=causal, key_valid=key_valid, block_rows=block_rows)
         dq, dk, dv = favor_attention_backward(rng.standard_normal(out.shape), cache)
         assert np.all(out[1] == 0.0)

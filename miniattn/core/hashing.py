@@ -184,6 +184,8 @@ def lsh_sort(buckets, *, backend=None):
     flat = np.ascontiguousarray(buckets.reshape(-1, buckets.shape[-2] * length), dtype=np.int64)  # (G, K L)
 
     module = resolve_backend(backend)
+    # NOTE: the compiled counting sort allocates (largest id + 1) counters per group. Ids from
+    # lsh_hash are below K (nb + 1); hand-made ids near 2^40 exhaust memory instead of raising.
     if module is None:
         sticker, undo = lsh_sort_reference(flat, length)
     else:

@@ -36,6 +36,19 @@ def check_float_array(name, x, *, min_ndim=1, finite=True):
         raise ValueError(f"{name} contains {bad} non-finite {values} (NaN or inf); expected finite values")
 
 
+def check_layer_inputs(x, params, param_names, n_heads):
+    """Check a layer's input x (B, N, C), its parameter dict and the head count H dividing C."""
+    check_float_array("x", x, min_ndim=3)
+    if x.ndim != 3:
+        raise ValueError(f"x has shape {x.shape}; expected (B, N, C)")
+    missing = [name for name in param_names if name not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}; expected keys {list(param_names)}")
+    check_int("n_heads", n_heads, minimum=1)
+    if x.shape[-1] % n_heads:
+        raise ValueError(f"model width {x.shape[-1]} is not divisible by n_heads={n_heads}")
+
+
 def check_upstream(name, grad, shape):
     """Check an upstream gradient: a finite float array with the shape of the forward's output."""
     check_float_array(name, grad)
